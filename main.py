@@ -113,6 +113,27 @@ def pick_device(no_accel):
     return torch.device("cpu")
 
 
+def use_fast_cpu_kernels(fast, batch_size):
+    """oneDNN convolutions only where they are faster (batch >= ONEDNN_MIN_BATCH), unless exact."""
+    torch.backends.mkldnn.enabled = not fast or batch_size >= ONEDNN_MIN_BATCH
+
+
+def make_optimizer(model, args, total_steps, fused):
+    """Adam (AdamW when the recipe asks for weight decay) and OneCycleLR over `total_steps` batches.
+
+    fused=True uses the single-kernel Adam, which rounds differently from the default foreach one.
+    """
+    if args.weight_decay:
+        optimizer = torch.optim.AdamW(model.parameters(), args.max_lr, weight_decay=args.weight_decay,
+                                      fused=fused)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), args.max_lr, fused=fused)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.max_lr, total_steps=total_steps, pct_start=args.pct_start,
+        div_factor=args.div_factor, final_div_factor=args.final_div_factor)
+    return optimizer, scheduler
+
+
 def atomic_write(path, write):
     """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -132,7 +153,7 @@ def train(args, log=print):
     device = pick_device(args.no_accel)
     fast = not args.exact
     if device.type == "cpu":
-        torch.backends.mkldnn.enabled = args.exact or args.batch_size >= ONEDNN_MIN_BATCH
+        use_fast_cpu_kernels(fast, args.batch_size)
     data = data_file.load_mnist(args.data_dir, val_size=args.val_size, split_seed=args.seed,
                                 device=device, log=log)
     (x_train, y_train), val, (x_test, y_test) = data["train"], data["val"], data["test"]
@@ -144,22 +165,16 @@ def train(args, log=print):
     params = count_parameters(model)
     log(f"model {args.model}: {params:,} parameters | device {device} | seed {args.seed} | "
         f"train {len(y_train):,} val {len(val[1]) if val else 0:,} test {len(y_test):,}")
-    # Adam as in the seed-1 recipe; AdamW (decoupled decay) only when a recipe asks for weight decay.
-    if args.weight_decay:
-        optimizer = torch.optim.AdamW(model.parameters(), args.max_lr, weight_decay=args.weight_decay, fused=fast)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), args.max_lr, fused=fast)
     steps_per_epoch = data_file.num_batches(len(y_train), args.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.max_lr, total_steps=args.epochs * steps_per_epoch, pct_start=args.pct_start,
-        div_factor=args.div_factor, final_div_factor=args.final_div_factor)
+    optimizer, scheduler = make_optimizer(model, args, args.epochs * steps_per_epoch, fused=fast)
     generator = torch.Generator().manual_seed(args.seed)  # the training order, epoch after epoch
 
     history, best = [], None
     log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'lr':>9} {'seconds':>8}")
     for epoch in range(1, args.epochs + 1):
-        row = model_train.train_one_epoch(model, optimizer, scheduler, x_train, y_train, args.batch_size,
-                                          generator, clip_grad=args.clip_grad, desc=f"epoch {epoch}",
+        batches = data_file.batches(x_train, y_train, args.batch_size, generator)
+        row = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch,
+                                          clip_grad=args.clip_grad, desc=f"epoch {epoch}",
                                           progress=not args.no_progress)
         row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0]}
         if val:

@@ -16,25 +16,25 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the message names the step and learning rate."""
 
 
-def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, generator, *,
-                    clip_grad=1.0, augment=None, label_smoothing=0.0, desc="train", progress=True,
-                    postfix_every=50):
-    """Train one pass over (images, labels) in shuffled batches; step the scheduler after every batch.
+def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_grad=1.0, augment=None,
+                    label_smoothing=0.0, desc="train", progress=True, postfix_every=50):
+    """Train one pass over `batches`, an iterable of (images, labels) of `steps` batches (default:
+    len(batches)), e.g. data_file.batches(...) or a DataLoader; step the scheduler after every batch.
 
     Returns {"loss": mean training loss, "train_acc": running training accuracy in % (measured on each
     batch as it was trained, dropout and augmentation on), "steps", "seconds"}. Raises NonFiniteLoss at
     the first step whose loss is NaN or infinite, before that step updates the weights.
     """
     model.train()
-    n = len(labels)
-    steps = data_file.num_batches(n, batch_size)
-    loss_sum, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=labels.device), 0
-    bar = tqdm(data_file.batches(images, labels, batch_size, generator), total=steps, desc=desc,
-               disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True)
+    steps = len(batches) if steps is None else steps
+    params = [p for p in model.parameters() if p.requires_grad]  # walked once, not every step
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(batches, total=steps, desc=desc, disable=not progress, leave=False, mininterval=0.5,
+               dynamic_ncols=True)
     start = time.perf_counter()
     for step, (x, y) in enumerate(bar, 1):
         if augment is not None:
-            x = augment(x, generator)
+            x = augment(x)
         output = model(x)
         if label_smoothing:
             loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
@@ -47,18 +47,18 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, gen
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
         optimizer.step()
         scheduler.step()
         loss_sum += loss_value * len(y)
-        correct += (output.argmax(1) == y).sum()
+        correct += (output.argmax(1) == y).sum()  # a tensor: no device sync until it is printed
         seen += len(y)
         if step % postfix_every == 0 or step == steps:
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%",
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * int(correct) / seen:.2f}%",
                             lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
     seconds = time.perf_counter() - start
     bar.close()
-    return {"loss": loss_sum / seen, "train_acc": 100 * correct.item() / seen, "steps": steps,
+    return {"loss": loss_sum / seen, "train_acc": 100 * int(correct) / seen, "steps": steps,
             "seconds": seconds}
 
 

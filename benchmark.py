@@ -1,0 +1,85 @@
+"""Seed-1 training speed: the usual DataLoader pipeline against this repository's in-memory path.
+
+    python benchmark.py                 # 3 rounds of 2,000 steps (a third of an epoch) per variant
+    python benchmark.py --steps 6000 --rounds 1
+
+Four variants train the seed-1 network (batch 10, Adam + OneCycleLR, clipping) from the same initial
+weights on the same shuffled order, in one process, round-robin, so machine noise hits each alike:
+  dataloader   torchvision MNIST + ToTensor + Normalize through a DataLoader (num_workers=1), torch defaults
+  memory       the same math on the data held in memory as tensors: its weights must equal dataloader's bit for bit
+  fast         what main.py runs: data in memory, fused Adam, oneDNN convolutions off at this batch size
+  fast-1t      fast on one thread
+It prints the median ms per step, the implied seconds per 60,000-image epoch and the ratio to dataloader.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+import data_file
+import main
+import model_train
+from model import build_model
+
+VARIANTS = ("dataloader", "memory", "fast", "fast-1t")
+THREADS = torch.get_num_threads()  # before any variant changes it
+
+
+def run(variant, steps, seed, data_dir, train, order):
+    """Train `steps` batches from seed `seed` in `order`; return (seconds per step, final state_dict)."""
+    recipe = argparse.Namespace(**main.RECIPES["seed1"])
+    fast = variant.startswith("fast")
+    torch.set_num_threads(1 if variant == "fast-1t" else THREADS)
+    main.use_fast_cpu_kernels(fast, recipe.batch_size)
+    torch.manual_seed(seed)
+    model = build_model(recipe.model)
+    optimizer, scheduler = main.make_optimizer(model, recipe, steps, fused=fast)
+    torch.manual_seed(seed + 1)  # dropout masks: the same stream for every variant
+    if variant == "dataloader":
+        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        dataset = datasets.MNIST(data_dir, train=True, transform=tf)
+        # A fixed sampler gives the same order as the in-memory slices; the loader's own generator keeps
+        # its worker seed off the global stream that dropout draws from.
+        batches = DataLoader(dataset, batch_size=recipe.batch_size, sampler=order.tolist(), num_workers=1,
+                             generator=torch.Generator())
+    else:
+        images, labels = train[0][order], train[1][order]
+        batches = data_file.batches(images, labels, recipe.batch_size)
+    metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps,
+                                          clip_grad=recipe.clip_grad, progress=False)
+    return metrics["seconds"] / steps, model.state_dict()
+
+
+def benchmark():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=main.positive_int, default=2000, help="training steps per variant and round")
+    p.add_argument("--rounds", type=main.positive_int, default=3, help="rounds; the median is reported")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
+    args = p.parse_args()
+    train = data_file.load_mnist(args.data_dir)["train"]
+    order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))
+    order = order[:args.steps * main.RECIPES["seed1"]["batch_size"]]
+    print(f"torch {torch.__version__}, {THREADS} threads, {args.rounds} rounds of {args.steps} steps")
+    times = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        states = {}
+        for v in VARIANTS:
+            t, states[v] = run(v, args.steps, args.seed, args.data_dir, train, order)
+            times[v].append(t)
+            print(f"round {r + 1} {v:<10} {1e3 * t:6.3f} ms/step", flush=True)
+        same = all(torch.equal(states["dataloader"][k], states["memory"][k]) for k in states["memory"])
+        print(f"round {r + 1} memory weights identical to dataloader's: {same}")
+    base = statistics.median(times["dataloader"])
+    print(f"\n{'variant':<10} {'ms/step':>8} {'s/epoch':>8} {'speed-up':>8}")
+    for v in VARIANTS:
+        t = statistics.median(times[v])
+        print(f"{v:<10} {1e3 * t:8.3f} {6000 * t:8.1f} {base / t:7.2f}x")
+
+
+if __name__ == "__main__":
+    benchmark()
