@@ -135,8 +135,8 @@ def ensure_mnist(data_dir, log=print):
 
 def normalise(images_uint8):
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), the same arithmetic as ToTensor() + Normalize()."""
-    x = images_uint8.unsqueeze(1).to(torch.float32).div(255)
-    return x.sub_(torch.tensor(MEAN)).div_(torch.tensor(STD))
+    x = images_uint8.unsqueeze(1).to(torch.float32)
+    return x.div_(255).sub_(torch.tensor(MEAN)).div_(torch.tensor(STD))  # in place: no second 188 MB copy
 
 
 def load_mnist(data_dir="./data", val_size=0, split_seed=0, device="cpu", log=print):
@@ -167,11 +167,16 @@ def batches(images, labels, batch_size, generator=None):
     The permutation is `torch.randperm(n, generator=generator)`, which is what DataLoader's RandomSampler
     draws, so the same generator state gives the same batches as DataLoader(shuffle=True).
     """
-    if generator is not None:
-        perm = torch.randperm(len(labels), generator=generator).to(images.device)
-        images, labels = images[perm], labels[perm]
+    if generator is None:
+        for i in range(0, len(labels), batch_size):
+            yield images[i:i + batch_size], labels[i:i + batch_size]
+        return
+    # Gathering each batch by index costs a few microseconds a step and saves a permuted copy of the
+    # whole set (188 MB for the training images).
+    perm = torch.randperm(len(labels), generator=generator).to(images.device)
     for i in range(0, len(labels), batch_size):
-        yield images[i:i + batch_size], labels[i:i + batch_size]
+        idx = perm[i:i + batch_size]
+        yield images[idx], labels[idx]
 
 
 def num_batches(n, batch_size):

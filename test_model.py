@@ -1,0 +1,183 @@
+"""Tests on the real MNIST data: shapes and sizes on random tensors, then real training with real thresholds.
+
+    pytest                  # everything, about 2 minutes on 2 CPU cores
+    pytest -m "not slow"    # skip the training runs
+
+MNIST is fetched once into $MNIST_DATA_DIR (default ./data, the folder main.py uses) and only read
+after that; everything a test writes goes under its own tmp_path.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data_file
+import main
+import model_train
+from model import Net, build_model, count_parameters
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.environ.get("MNIST_DATA_DIR", os.path.join(HERE, "data"))
+
+
+def run_cli(*args, cwd=HERE):
+    """Run main.py as a user would; return the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "main.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    return data_file.load_mnist(DATA_DIR, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def seed1_run(mnist):
+    """The seed-1 recipe exactly as `python main.py` runs it: one epoch at batch 10, seed 1."""
+    args = main.parse_args(["--data-dir", DATA_DIR, "--no-progress", "--seed", "1"])
+    return args, *main.train(args, log=lambda *a: None)
+
+
+# --- the network, on random tensors -------------------------------------------------------------
+
+def test_net_has_13242_parameters():
+    n = count_parameters(Net())
+    assert n == 40 + 296 + 12_576 + 330 == 13_242
+    assert n < 25_000
+
+
+def test_net_returns_log_probabilities():
+    out = Net().eval()(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(4))
+
+
+def test_unknown_model_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet152")
+
+
+# --- the data --------------------------------------------------------------------------------------
+
+def test_mnist_splits_are_normalised_like_torchvision(mnist):
+    x, y = mnist["train"]
+    assert x.shape == (60_000, 1, 28, 28) and y.shape == (60_000,) and mnist["test"][0].shape[0] == 10_000
+    # ToTensor() + Normalize((0.1307,), (0.3081,)): black pixels map to -0.1307/0.3081, white to (1-0.1307)/0.3081
+    assert x.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-6)
+    assert x.max().item() == pytest.approx((1 - 0.1307) / 0.3081, abs=1e-6)
+    assert sorted(y.unique().tolist()) == list(range(10))
+
+
+def test_validation_split_is_carved_from_training_set():
+    splits = data_file.load_mnist(DATA_DIR, val_size=10_000, split_seed=3, log=lambda *a: None)
+    assert len(splits["train"][1]) == 50_000 and len(splits["val"][1]) == 10_000
+    again = data_file.load_mnist(DATA_DIR, val_size=10_000, split_seed=3, log=lambda *a: None)
+    assert torch.equal(splits["val"][0], again["val"][0])  # the same seed, the same split
+
+
+def copy_raw(tmp_path):
+    target = data_file.raw_dir(tmp_path)
+    shutil.copytree(data_file.raw_dir(DATA_DIR), target)
+    return target
+
+
+def test_corrupted_data_file_is_detected_and_refetched(tmp_path, monkeypatch):
+    target = copy_raw(tmp_path)
+    path = os.path.join(target, "t10k-labels-idx1-ubyte")
+    with open(path, "r+b") as f:  # one label changed: same size, different content
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([(byte[0] + 1) % 10]))
+    assert data_file.bad_files(target) == {"t10k-labels-idx1-ubyte": "SHA-256 mismatch (10008 bytes)"}
+
+    def from_good_copy(tmp):  # a source that serves the genuine files
+        return data_file.raw_dir(DATA_DIR)
+
+    monkeypatch.setattr(data_file, "SOURCES", [("a good copy", from_good_copy)])
+    data_file.ensure_mnist(str(tmp_path), log=lambda *a: None)
+    assert data_file.bad_files(target) == {}
+
+
+def test_failed_fetch_leaves_nothing_behind_and_says_what_to_do(tmp_path, monkeypatch):
+    def broken(tmp):  # writes half a file, then fails, like a download cut off mid-way
+        with open(os.path.join(tmp, "train-images-idx3-ubyte"), "wb") as f:
+            f.write(b"\0" * 1000)
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(data_file, "SOURCES", [("broken mirror", broken)])
+    with pytest.raises(data_file.DataError, match="broken mirror: network unreachable.*by hand"):
+        data_file.ensure_mnist(str(tmp_path), log=lambda *a: None)
+    assert os.listdir(data_file.raw_dir(tmp_path)) == []
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_seed1_recipe_beats_95_percent_test_accuracy_in_one_epoch(seed1_run):
+    args, model, metrics = seed1_run
+    assert (args.epochs, args.batch_size, metrics["parameters"]) == (1, 10, 13_242)
+    print(f"seed-1: test {metrics['test_acc']:.2f}%, running train {metrics['train_acc']:.2f}%, "
+          f"{metrics['train_seconds']:.1f} s")
+    assert metrics["test_acc"] > 95.0
+    # Running train accuracy is measured while the weights are still learning, so it trails the test figure.
+    assert 85.0 < metrics["train_acc"] < metrics["test_acc"]
+
+
+def test_same_seed_gives_identical_metrics_and_weights():
+    def short_run():
+        args = main.parse_args(["--data-dir", DATA_DIR, "--no-progress", "--dry-run", "--seed", "7"])
+        model, metrics = main.train(args, log=lambda *a: None)
+        return model.state_dict(), {k: v for k, v in metrics.items() if k != "train_seconds"}
+
+    (w1, m1), (w2, m2) = short_run(), short_run()
+    for row in m1["epochs"] + m2["epochs"]:
+        row.pop("seconds")
+    assert m1 == m2
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_non_finite_loss_stops_training_at_once(mnist):
+    torch.manual_seed(0)
+    model = Net()
+    args = main.parse_args(["--max-lr", "1e30"])
+    optimizer, scheduler = main.make_optimizer(model, args, total_steps=50, fused=True)
+    x, y = mnist["train"][0][:500], mnist["train"][1][:500]
+    with pytest.raises(model_train.NonFiniteLoss, match=r"at step \d+ of 50 \(learning rate"):
+        model_train.train_one_epoch(model, optimizer, scheduler, data_file.batches(x, y, 10), 50,
+                                    progress=False)
+
+
+# --- the command line and checkpoints ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, mnist, tmp_path):
+    args, model, metrics = seed1_run
+    args.save_model = True
+    main.save_run(str(tmp_path), args, model, metrics, log=lambda *a: None)
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert checkpoint["model_name"] == "net" and checkpoint["config"]["batch_size"] == 10
+    fresh = build_model(checkpoint["model_name"])
+    fresh.load_state_dict(checkpoint["model"])
+    assert model_train.evaluate(fresh, *mnist["test"])["acc"] == metrics["test_acc"]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "model.pt"]  # no temporary files left
+
+
+def test_cli_dry_run_writes_metrics(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(out), "--save-model")
+    assert r.returncode == 0, r.stderr
+    assert "13,242 parameters" in r.stdout and "test accuracy" in r.stdout
+    assert sorted(os.listdir(out)) == ["metrics.json", "model.pt"]
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--lr", "-1"], ["--epochs", "0"],
+                                   ["--epochs", "two"], ["--model", "nope"], ["--recipe", "nope"]])
+def test_cli_rejects_bad_values_without_traceback(flags, tmp_path):
+    r = run_cli(*flags, "--data-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []  # rejected before anything was fetched or written
