@@ -193,7 +193,8 @@ def train(args, log=print):
     test = model_train.evaluate(model, x_test, y_test, args.test_batch_size)
     metrics = {
         "recipe": args.recipe, "model": args.model, "parameters": params, "seed": args.seed,
-        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": str(device), "torch": str(torch.__version__),  # a plain str: loadable with weights_only
+        "threads": torch.get_num_threads(),
         "fast_path": fast, "epochs": history, "kept_epoch": kept_epoch,
         "train_acc": history[kept_epoch - 1]["train_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
         "train_seconds": sum(r["seconds"] for r in history),

@@ -172,12 +172,22 @@ def test_cli_dry_run_writes_metrics(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "13,242 parameters" in r.stdout and "test accuracy" in r.stdout
     assert sorted(os.listdir(out)) == ["metrics.json", "model.pt"]
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert checkpoint["metrics"]["parameters"] == 13_242
 
 
-@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--lr", "-1"], ["--epochs", "0"],
-                                   ["--epochs", "two"], ["--model", "nope"], ["--recipe", "nope"]])
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--recipe", "nope"]])
 def test_cli_rejects_bad_values_without_traceback(flags, tmp_path):
     r = run_cli(*flags, "--data-dir", str(tmp_path))
     assert r.returncode == 2
     assert "error:" in r.stderr and "Traceback" not in r.stderr
     assert os.listdir(tmp_path) == []  # rejected before anything was fetched or written
+
+
+@pytest.mark.parametrize("flags", [["--lr", "-1"], ["--lr", "nan"], ["--epochs", "0"], ["--epochs", "two"],
+                                   ["--model", "nope"], ["--clip-grad", "-1"], ["--pct-start", "1"]])
+def test_bad_values_are_argparse_errors(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
