@@ -28,9 +28,9 @@ RECIPES = {
     "seed1": dict(model="net", epochs=1, batch_size=10, max_lr=0.005, pct_start=0.1, div_factor=1.0,
                   final_div_factor=10.0, weight_decay=0.0, clip_grad=1.0, val_size=0),
 }
-# oneDNN convolutions cost more than the plain kernels at tiny batches on CPU and less at large ones;
-# measured on 2 cores: off is faster at batch 10, on is faster at batch 128.
-ONEDNN_MIN_BATCH = 64
+# Below this batch size each op is too small to gain from oneDNN convolutions or a second thread on CPU:
+# measured on 2 cores at batch 10, both cost time (benchmark.py); at batch 128 both pay.
+SMALL_BATCH = 64
 
 
 def positive_int(s):
@@ -114,8 +114,11 @@ def pick_device(no_accel):
 
 
 def use_fast_cpu_kernels(fast, batch_size):
-    """oneDNN convolutions only where they are faster (batch >= ONEDNN_MIN_BATCH), unless exact."""
-    torch.backends.mkldnn.enabled = not fast or batch_size >= ONEDNN_MIN_BATCH
+    """At small batches on CPU, plain convolutions on one thread; torch's defaults otherwise, or if not fast."""
+    small = fast and batch_size < SMALL_BATCH
+    torch.backends.mkldnn.enabled = not small
+    if small:
+        torch.set_num_threads(1)
 
 
 def make_optimizer(model, args, total_steps, fused):

@@ -31,8 +31,77 @@ class Net(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
+class ConvBN(nn.Sequential):
+    """3x3 (or 1x1) convolution without bias, BatchNorm, ReLU: the block every seed-2 layer is made of."""
+
+    def __init__(self, c_in, c_out, kernel_size=3):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),  # BN supplies the bias
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: global-average-pool each channel, and rescale it by a learned gate in (0, 1)."""
+
+    def __init__(self, channels, reduction=4):
+        super().__init__()
+        self.squeeze = nn.Linear(channels, channels // reduction)
+        self.excite = nn.Linear(channels // reduction, channels)
+
+    def forward(self, x):                                       # (B, C, H, W)
+        w = x.mean((2, 3))                                      # (B, C)
+        w = torch.sigmoid(self.excite(F.relu(self.squeeze(w))))  # (B, C)
+        return x * w[:, :, None, None]                          # (B, C, H, W)
+
+
+class ResidualBlock(nn.Module):
+    """x + SE(BN(conv(ReLU(BN(conv(x)))))), then ReLU: two 3x3 convs around an identity shortcut."""
+
+    def __init__(self, channels, reduction=4):
+        super().__init__()
+        self.conv1 = ConvBN(channels, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.attention = SqueezeExcite(channels, reduction)
+
+    def forward(self, x):
+        residual = self.attention(self.bn2(self.conv2(self.conv1(x))))
+        return F.relu(x + residual)
+
+
+class ResSENet(nn.Module):
+    """The seed-2 kind of network: BatchNorm, dropout, squeeze-and-excitation attention, residual blocks and
+    global average pooling. Two max-pools bring 28x28 down to 14x14 and 7x7 early, where convolutions are cheap.
+    """
+
+    def __init__(self, widths=(12, 20, 32), dropout=0.1):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.stem = ConvBN(1, c1)
+        self.pool = nn.MaxPool2d(2)
+        self.layer1 = ConvBN(c1, c2)
+        self.res1 = ResidualBlock(c2)
+        self.layer2 = ConvBN(c2, c3)
+        self.res2 = ResidualBlock(c3)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(c3, 10)
+
+    def forward(self, x):                     # (B, 1, 28, 28)
+        x = self.pool(self.stem(x))           # (B, c1, 14, 14)
+        x = self.res1(self.layer1(x))         # (B, c2, 14, 14)
+        x = self.pool(x)                      # (B, c2, 7, 7)
+        x = self.res2(self.layer2(x))         # (B, c3, 7, 7)
+        x = torch.flatten(self.gap(x), 1)     # (B, c3)
+        x = self.fc(self.dropout(x))          # (B, 10)
+        return F.log_softmax(x, dim=1)
+
+
 MODELS = {
     "net": Net,
+    "ressenet": ResSENet,
 }
 
 
