@@ -25,6 +25,7 @@ import tempfile
 import urllib.request
 
 import torch
+import torch.nn.functional as F
 from torchvision.datasets import MNIST
 
 MEAN, STD = 0.1307, 0.3081
@@ -181,3 +182,20 @@ def batches(images, labels, batch_size, generator=None):
 
 def num_batches(n, batch_size):
     return -(-n // batch_size)
+
+
+def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0):
+    """Each image moved by up to `max_shift` pixels along each axis and turned by up to `max_degrees`,
+    all drawn per sample from `generator`; one batched affine_grid + grid_sample, on the images' device.
+
+    Borders repeat the edge pixels, which in MNIST are background, so shifted-in areas stay black.
+    """
+    n, _, h, w = images.shape
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * torch.deg2rad(torch.tensor(max_degrees))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # affine_grid works in [-1, 1] coordinates: a shift of s pixels is 2s / size.
+    theta = torch.stack([torch.stack([cos, -sin, 2 * shift[:, 0] / w], 1),
+                         torch.stack([sin, cos, 2 * shift[:, 1] / h], 1)], 1).to(images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -26,7 +26,13 @@ RECIPES = {
     # The seed-1 system: Adam + OneCycleLR (flat at 0.005 for the first 10%, then annealed to 0.0005),
     # batch 10, gradient norm clipped to 1.0, one epoch, no validation split.
     "seed1": dict(model="net", epochs=1, batch_size=10, max_lr=0.005, pct_start=0.1, div_factor=1.0,
-                  final_div_factor=10.0, weight_decay=0.0, clip_grad=1.0, val_size=0),
+                  final_div_factor=10.0, weight_decay=0.0, clip_grad=1.0, val_size=0, shift=0.0, rotate=0.0,
+                  label_smoothing=0.0),
+    # The seed-2 system: a BatchNorm/SE/residual/GAP network, AdamW + OneCycleLR, shifts and small rotations,
+    # 50k/10k train/validation split; the validation set picks the epoch kept.
+    "seed2": dict(model="ressenet", epochs=6, batch_size=128, max_lr=0.01, pct_start=0.2, div_factor=10.0,
+                  final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0, val_size=10_000, shift=2.0,
+                  rotate=10.0, label_smoothing=0.1),
 }
 # Below this batch size each op is too small to gain from oneDNN convolutions or a second thread on CPU:
 # measured on 2 cores at batch 10, both cost time (benchmark.py); at batch 128 both pay.
@@ -68,6 +74,13 @@ def fraction(s):
     return v
 
 
+def fraction_or_zero(s):
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {s}")
+    return v
+
+
 def build_parser(recipe):
     p = argparse.ArgumentParser(description="Train a tiny CNN on MNIST.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -86,6 +99,9 @@ def build_parser(recipe):
     p.add_argument("--clip-grad", type=non_negative_float, help="max gradient norm (0: no clipping)")
     p.add_argument("--val-size", type=non_negative_int,
                    help="images carved from the 60k training set for validation (0: none)")
+    p.add_argument("--shift", type=non_negative_float, help="augmentation: max random shift in pixels (0: none)")
+    p.add_argument("--rotate", type=non_negative_float, help="augmentation: max random rotation in degrees")
+    p.add_argument("--label-smoothing", type=fraction_or_zero, help="label smoothing of the training loss")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--exact", action="store_true",
                    help="torch's default kernels (foreach Adam, oneDNN) instead of the faster fused Adam")
@@ -170,14 +186,19 @@ def train(args, log=print):
         f"train {len(y_train):,} val {len(val[1]) if val else 0:,} test {len(y_test):,}")
     steps_per_epoch = data_file.num_batches(len(y_train), args.batch_size)
     optimizer, scheduler = make_optimizer(model, args, args.epochs * steps_per_epoch, fused=fast)
-    generator = torch.Generator().manual_seed(args.seed)  # the training order, epoch after epoch
+    generator = torch.Generator().manual_seed(args.seed)  # the training order and augmentation draws
+    augment = None
+    if args.shift or args.rotate:
+        def augment(x):
+            return data_file.random_shift_rotate(x, generator, args.shift, args.rotate)
 
     history, best = [], None
     log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'lr':>9} {'seconds':>8}")
     for epoch in range(1, args.epochs + 1):
         batches = data_file.batches(x_train, y_train, args.batch_size, generator)
         row = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch,
-                                          clip_grad=args.clip_grad, desc=f"epoch {epoch}",
+                                          clip_grad=args.clip_grad, augment=augment,
+                                          label_smoothing=args.label_smoothing, desc=f"epoch {epoch}",
                                           progress=not args.no_progress)
         row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0]}
         if val:

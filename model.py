@@ -4,6 +4,8 @@
 
 Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -76,7 +78,7 @@ class ResSENet(nn.Module):
     global average pooling. Two max-pools bring 28x28 down to 14x14 and 7x7 early, where convolutions are cheap.
     """
 
-    def __init__(self, widths=(12, 20, 32), dropout=0.1):
+    def __init__(self, widths=(8, 16, 20), dropout=0.1):
         super().__init__()
         c1, c2, c3 = widths
         self.stem = ConvBN(1, c1)
@@ -102,6 +104,7 @@ class ResSENet(nn.Module):
 MODELS = {
     "net": Net,
     "ressenet": ResSENet,
+    "ressenet-small": functools.partial(ResSENet, widths=(8, 12, 12)),
 }
 
 

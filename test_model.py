@@ -6,6 +6,7 @@
 MNIST is fetched once into $MNIST_DATA_DIR (default ./data, the folder main.py uses) and only read
 after that; everything a test writes goes under its own tmp_path.
 """
+import copy
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import torch
 import data_file
 import main
 import model_train
-from model import Net, build_model, count_parameters
+from model import Net, ResidualBlock, SqueezeExcite, build_model, count_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.environ.get("MNIST_DATA_DIR", os.path.join(HERE, "data"))
@@ -58,6 +59,43 @@ def test_net_returns_log_probabilities():
 def test_unknown_model_name_is_rejected():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet152")
+
+
+def test_seed2_network_has_every_component_under_20k_parameters():
+    model = build_model("ressenet").eval()
+    assert count_parameters(model) < 20_000
+    kinds = {type(m) for m in model.modules()}
+    assert {torch.nn.BatchNorm2d, torch.nn.Dropout, torch.nn.AdaptiveAvgPool2d, SqueezeExcite} <= kinds
+    assert model.gap.output_size in (1, (1, 1))  # the head pools globally, whatever the input size
+    x = torch.randn(4, 1, 28, 28)
+    out = model(x)
+    assert out.shape == (4, 10)
+    # The residual branch and the attention really carry signal: cutting either changes the output.
+    def changed(cut):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            cut(other)
+            return not torch.allclose(other(x), out)
+
+    def cut_residual(m):  # the last BN of every residual branch to zero: only the shortcuts are left
+        for block in [b for b in m.modules() if isinstance(b, ResidualBlock)]:
+            block.bn2.weight.zero_()
+            block.bn2.bias.zero_()
+
+    def cut_attention(m):  # every SE gate pinned fully open
+        for se in [s for s in m.modules() if isinstance(s, SqueezeExcite)]:
+            se.excite.bias.fill_(1e4)
+
+    assert changed(cut_residual) and changed(cut_attention)
+    # With every residual branch cut, the input still reaches the output: through the identity shortcuts.
+    shortcut_only = copy.deepcopy(model)
+    with torch.no_grad():
+        cut_residual(shortcut_only)
+        assert not torch.allclose(shortcut_only(x), shortcut_only(torch.randn(4, 1, 28, 28)))
+
+
+def test_small_network_has_at_most_8000_parameters():
+    assert count_parameters(build_model("ressenet-small")) <= 8_000
 
 
 # --- the data --------------------------------------------------------------------------------------
