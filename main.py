@@ -7,8 +7,9 @@
 
 A recipe is a named set of defaults; every value in it can be overridden by its flag
 (`python main.py --recipe seed1 --help` shows that recipe's values as the defaults).
-Each run writes <out-dir>/metrics.json (config, torch version, device, seed, every figure) and, with
---save-model, <out-dir>/model.pt: {"model": state_dict, "model_name", "config", "metrics"}.
+Each run writes into <out-dir>: metrics.json (config, torch version, device, seed, every figure), the
+plots curves.png, confusion.png and mistakes.png, and with --save-model the checkpoint model.pt:
+{"model": state_dict, "model_name", "config", "metrics"}.
 """
 import argparse
 import copy
@@ -21,6 +22,7 @@ import torch
 
 import data_file
 import model_train
+import plots
 from model import MODELS, build_model, count_parameters
 
 RECIPES = {
@@ -28,12 +30,12 @@ RECIPES = {
     # batch 10, gradient norm clipped to 1.0, one epoch, no validation split.
     "seed1": dict(model="net", epochs=1, batch_size=10, max_lr=0.005, pct_start=0.1, div_factor=1.0,
                   final_div_factor=10.0, weight_decay=0.0, clip_grad=1.0, val_size=0, shift=0.0, rotate=0.0,
-                  label_smoothing=0.0),
+                  label_smoothing=0.0, dropout=0.005),
     # The seed-2 system: a BatchNorm/SE/residual/GAP network, AdamW + OneCycleLR, shifts and small rotations,
     # 50k/10k train/validation split; the validation set picks the epoch kept.
     "seed2": dict(model="ressenet", epochs=6, batch_size=128, max_lr=0.01, pct_start=0.2, div_factor=10.0,
                   final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0, val_size=10_000, shift=2.0,
-                  rotate=10.0, label_smoothing=0.1),
+                  rotate=10.0, label_smoothing=0.1, dropout=0.1),
 }
 # Below this batch size each op is too small to gain from oneDNN convolutions or a second thread on CPU:
 # measured on 2 cores at batch 10, both cost time (benchmark.py); at batch 128 both pay.
@@ -88,6 +90,7 @@ def build_parser(recipe):
     p.add_argument("--recipe", choices=sorted(RECIPES), default="seed1",
                    help="named set of defaults for the flags below")
     p.add_argument("--model", choices=sorted(MODELS), help="network to train")
+    p.add_argument("--dropout", type=fraction_or_zero, help="dropout probability of the network")
     p.add_argument("--epochs", type=positive_int, help="number of epochs")
     p.add_argument("--batch-size", type=positive_int, help="training batch size")
     p.add_argument("--test-batch-size", type=positive_int, default=1000, help="evaluation batch size")
@@ -167,21 +170,25 @@ def atomic_write(path, write):
         raise
 
 
-def train(args, log=print):
-    """Run one recipe end to end; return (model, metrics). Nothing is written to disk here."""
+def train(args, log=print, data=None):
+    """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
+
+    `data` is what data_file.load_mnist returns, for callers that train many times on the same split.
+    """
     torch.manual_seed(args.seed)  # before anything random: model init, dropout, data order
     device = pick_device(args.no_accel)
     fast = not args.exact
     if device.type == "cpu":
         use_fast_cpu_kernels(fast, args.batch_size)
-    data = data_file.load_mnist(args.data_dir, val_size=args.val_size, split_seed=args.seed,
-                                device=device, log=log)
+    if data is None:
+        data = data_file.load_mnist(args.data_dir, val_size=args.val_size, split_seed=args.seed,
+                                    device=device, log=log)
     (x_train, y_train), val, (x_test, y_test) = data["train"], data["val"], data["test"]
     if args.dry_run:
         x_train, y_train = x_train[:5 * args.batch_size], y_train[:5 * args.batch_size]
         x_test, y_test = x_test[:args.test_batch_size], y_test[:args.test_batch_size]
 
-    model = build_model(args.model).to(device)
+    model = build_model(args.model, dropout=args.dropout).to(device)
     if fast and device.type == "cpu" and args.batch_size >= SMALL_BATCH:
         # oneDNN skips a layout reorder around every convolution: ~10% faster at batch 128 on 2 cores.
         model = model.to(memory_format=torch.channels_last)
@@ -218,7 +225,7 @@ def train(args, log=print):
     if best is not None:
         kept_epoch = best[1]
         model.load_state_dict(best[2])
-    test = model_train.evaluate(model, x_test, y_test, args.test_batch_size)
+    test = model_train.evaluate(model, x_test, y_test, args.test_batch_size, details=True)
     metrics = {
         "recipe": args.recipe, "model": args.model, "parameters": params, "seed": args.seed,
         "device": str(device), "torch": str(torch.__version__),  # a plain str: loadable with weights_only
@@ -226,6 +233,7 @@ def train(args, log=print):
         "fast_path": fast, "epochs": history, "kept_epoch": kept_epoch,
         "train_acc": history[kept_epoch - 1]["train_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
         "train_seconds": sum(r["seconds"] for r in history),
+        "confusion": test["confusion"], "mistakes": test["mistakes"],
     }
     log(f"test accuracy {test['acc']:.2f}% (loss {test['loss']:.4f}) | running train accuracy "
         f"{metrics['train_acc']:.2f}% | kept epoch {kept_epoch} | training {metrics['train_seconds']:.1f} s")
@@ -237,7 +245,8 @@ def save_run(out_dir, args, model, metrics, log=print):
     config = vars(args)
     text = json.dumps({"config": config, **metrics}, indent=2).encode()
     atomic_write(os.path.join(out_dir, "metrics.json"), lambda f: f.write(text))
-    log(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+    figures = plots.save_plots(out_dir, metrics, args.data_dir, atomic_write)
+    log(f"wrote {os.path.join(out_dir, 'metrics.json')} and {', '.join(figures)}")
     if args.save_model:
         checkpoint = {"model": model.state_dict(), "model_name": args.model, "config": config,
                       "metrics": metrics}

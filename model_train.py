@@ -22,13 +22,14 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
     len(batches)), e.g. data_file.batches(...) or a DataLoader; step the scheduler after every batch.
 
     Returns {"loss": mean training loss, "train_acc": running training accuracy in % (measured on each
-    batch as it was trained, dropout and augmentation on), "steps", "seconds"}. Raises NonFiniteLoss at
-    the first step whose loss is NaN or infinite, before that step updates the weights.
+    batch as it was trained, dropout and augmentation on), "steps", "seconds", "curve": [step, loss,
+    train_acc, lr] every `postfix_every` steps, as running means over the epoch so far}. Raises
+    NonFiniteLoss at the first step whose loss is NaN or infinite, before that step updates the weights.
     """
     model.train()
     steps = len(batches) if steps is None else steps
     params = [p for p in model.parameters() if p.requires_grad]  # walked once, not every step
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, curve = 0.0, 0, 0, []
     bar = tqdm(batches, total=steps, desc=desc, disable=not progress, leave=False, mininterval=0.5,
                dynamic_ncols=True)
     start = time.perf_counter()
@@ -54,21 +55,31 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
         correct += (output.argmax(1) == y).sum()  # a tensor: no device sync until it is printed
         seen += len(y)
         if step % postfix_every == 0 or step == steps:
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * int(correct) / seen:.2f}%",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            point = [step, loss_sum / seen, 100 * int(correct) / seen, scheduler.get_last_lr()[0]]
+            curve.append(point)
+            bar.set_postfix(loss=f"{point[1]:.4f}", acc=f"{point[2]:.2f}%", lr=f"{point[3]:.2e}", refresh=False)
     seconds = time.perf_counter() - start
     bar.close()
     return {"loss": loss_sum / seen, "train_acc": 100 * int(correct) / seen, "steps": steps,
-            "seconds": seconds}
+            "seconds": seconds, "curve": curve}
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, batch_size=1000):
-    """Loss (mean negative log-likelihood) and accuracy in % over (images, labels), in eval mode, in order."""
+def evaluate(model, images, labels, batch_size=1000, details=False):
+    """Loss (mean negative log-likelihood) and accuracy in % over (images, labels), in eval mode, in order.
+
+    With details=True also "confusion" (10x10 counts, rows true, columns predicted) and "mistakes": the
+    16 most confidently wrong [index, true, predicted, confidence], most confident first.
+    """
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for x, y in data_file.batches(images, labels, batch_size):
-        output = model(x)
-        loss_sum += F.nll_loss(output, y, reduction="sum").item()
-        correct += (output.argmax(1) == y).sum().item()
-    return {"loss": loss_sum / len(labels), "acc": 100 * correct / len(labels)}
+    output = torch.cat([model(x) for x, _ in data_file.batches(images, labels, batch_size)])
+    pred = output.argmax(1)
+    result = {"loss": F.nll_loss(output, labels, reduction="sum").item() / len(labels),
+              "acc": 100 * (pred == labels).sum().item() / len(labels)}
+    if details:
+        result["confusion"] = torch.bincount(labels * 10 + pred, minlength=100).view(10, 10).tolist()
+        confidence = output.max(1).values.exp()
+        wrong = (pred != labels).nonzero().flatten()
+        worst = wrong[confidence[wrong].argsort(descending=True)[:16]]
+        result["mistakes"] = [[i, labels[i].item(), pred[i].item(), confidence[i].item()] for i in worst.tolist()]
+    return result

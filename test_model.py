@@ -205,7 +205,9 @@ def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, seed1
     assert checkpoint["model_name"] == "net" and checkpoint["config"]["batch_size"] == 10
     fresh, _ = main.load_checkpoint(seed1_checkpoint, "net")
     assert model_train.evaluate(fresh, *mnist["test"])["acc"] == metrics["test_acc"]
-    assert sorted(os.listdir(seed1_checkpoint.parent)) == ["metrics.json", "model.pt"]  # no temporary files
+    # no temporary files left beside the results
+    assert sorted(os.listdir(seed1_checkpoint.parent)) == ["confusion.png", "curves.png", "metrics.json",
+                                                           "mistakes.png", "model.pt"]
 
 
 def test_cli_dry_run_writes_metrics(tmp_path):
@@ -213,7 +215,7 @@ def test_cli_dry_run_writes_metrics(tmp_path):
     r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(out), "--save-model")
     assert r.returncode == 0, r.stderr
     assert "13,242 parameters" in r.stdout and "test accuracy" in r.stdout
-    assert sorted(os.listdir(out)) == ["metrics.json", "model.pt"]
+    assert sorted(os.listdir(out)) == ["confusion.png", "curves.png", "metrics.json", "mistakes.png", "model.pt"]
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     assert checkpoint["metrics"]["parameters"] == 13_242
 

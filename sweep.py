@@ -1,0 +1,130 @@
+"""The seed-1 "Observations", measured: one epoch of the seed-1 network over batch size x dropout x seeds.
+
+    python sweep.py                              # 4 batch sizes x 4 dropouts x 2 seeds, ~10 min on 2 cores
+    python sweep.py --seeds 1 2 3 --out-dir runs/sweep
+
+Each cell trains the seed-1 recipe (Adam + OneCycleLR as in main.py, one epoch) with that batch size and
+dropout, and records running train accuracy (measured while training), evaluated train accuracy (the final
+model on all 60,000 training images, eval mode), test accuracy and seconds. Finished cells are appended to
+<out-dir>/sweep.jsonl as they finish, and a rerun skips them, so an interrupted sweep loses nothing.
+At the end it writes <out-dir>/sweep.md (a markdown table) and sweep.png.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data_file  # noqa: E402
+import main  # noqa: E402
+import model_train  # noqa: E402
+
+
+def read_done(path):
+    """Cells already in the results file, keyed by (batch_size, dropout, seed)."""
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    done[(row["batch_size"], row["dropout"], row["seed"])] = row
+                except (json.JSONDecodeError, KeyError):
+                    pass  # a line cut off by an interrupted write: that cell runs again
+    return done
+
+
+def summarise(rows, batch_sizes, dropouts):
+    """Markdown table: one row per (batch size, dropout), mean ± std over seeds."""
+    def cell(values):
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 \
+            else f"{values[0]:.2f}"
+
+    lines = ["| batch | dropout | seeds | running train acc % | evaluated train acc % | test acc % | "
+             "train − test (evaluated) | seconds |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in batch_sizes:
+        for d in dropouts:
+            cell_rows = [r for r in rows if r["batch_size"] == b and r["dropout"] == d]
+            if not cell_rows:
+                continue
+            get = lambda k: [r[k] for r in cell_rows]  # noqa: E731
+            gap = [r["eval_train_acc"] - r["test_acc"] for r in cell_rows]
+            lines.append(f"| {b} | {d} | {len(cell_rows)} | {cell(get('train_acc'))} | "
+                         f"{cell(get('eval_train_acc'))} | {cell(get('test_acc'))} | {cell(gap)} | "
+                         f"{cell(get('seconds'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, batch_sizes, dropouts):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    for d in dropouts:
+        xs, run, test = [], [], []
+        for b in batch_sizes:
+            cell_rows = [r for r in rows if r["batch_size"] == b and r["dropout"] == d]
+            if cell_rows:
+                xs.append(b)
+                run.append(statistics.mean(r["train_acc"] for r in cell_rows))
+                test.append(statistics.mean(r["test_acc"] for r in cell_rows))
+        axes[0].plot(xs, test, "o-", label=f"dropout {d}")
+        axes[1].plot(xs, run, "o-", label=f"dropout {d}")
+    axes[0].set(title="test accuracy (%)", xlabel="batch size", xscale="log")
+    axes[1].set(title="running train accuracy (%)", xlabel="batch size", xscale="log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("seed-1 network, one epoch (mean over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def sweep(argv=None):
+    p = argparse.ArgumentParser(description="Seed-1 network: batch size x dropout x seed, one epoch each.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch-sizes", type=main.positive_int, nargs="+", default=[128, 100, 50, 10])
+    p.add_argument("--dropouts", type=main.fraction_or_zero, nargs="+", default=[0.25, 0.2, 0.1, 0.005])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
+    p.add_argument("--out-dir", default=os.path.join("runs", "sweep"), help="results folder")
+    args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = os.path.join(args.out_dir, "sweep.jsonl")
+    done = read_done(results)
+    cells = [(b, d, s) for b in args.batch_sizes for d in args.dropouts for s in args.seeds]
+    data = data_file.load_mnist(args.data_dir)
+    threads = torch.get_num_threads()
+    try:
+        for b, d, s in tqdm(cells, desc="sweep", initial=0, dynamic_ncols=True):
+            if (b, d, s) in done:
+                continue
+            torch.set_num_threads(threads)  # main.train lowers it for small batches; start each cell alike
+            run_args = main.parse_args(["--batch-size", str(b), "--dropout", str(d), "--seed", str(s),
+                                        "--data-dir", args.data_dir, "--no-progress"])
+            model, metrics = main.train(run_args, log=lambda *a: None, data=data)
+            row = {"batch_size": b, "dropout": d, "seed": s, "train_acc": metrics["train_acc"],
+                   "eval_train_acc": model_train.evaluate(model, *data["train"])["acc"],
+                   "test_acc": metrics["test_acc"], "seconds": metrics["train_seconds"],
+                   "torch": metrics["torch"], "threads": metrics["threads"]}
+            with open(results, "a") as f:  # one line per finished cell: an interruption loses only the cell in hand
+                f.write(json.dumps(row) + "\n")
+            done[(b, d, s)] = row
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(done)} of {len(cells)} cells are in {results}; run again to finish",
+              file=sys.stderr)
+        return 130
+    rows = [done[c] for c in cells]
+    table = summarise(rows, args.batch_sizes, args.dropouts)
+    main.atomic_write(os.path.join(args.out_dir, "sweep.md"), lambda f: f.write(table.encode()))
+    fig = plot(rows, args.batch_sizes, args.dropouts)
+    main.atomic_write(os.path.join(args.out_dir, "sweep.png"), lambda f: fig.savefig(f, format="png", dpi=110))
+    print(table)
+    print(f"wrote {args.out_dir}/sweep.md and sweep.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(sweep())
