@@ -32,8 +32,9 @@ RECIPES = {
                   final_div_factor=10.0, weight_decay=0.0, clip_grad=1.0, val_size=0, shift=0.0, rotate=0.0,
                   label_smoothing=0.0, dropout=0.005),
     # The seed-2 system: a BatchNorm/SE/residual/GAP network, AdamW + OneCycleLR, shifts and small rotations,
-    # 50k/10k train/validation split; the validation set picks the epoch kept.
-    "seed2": dict(model="ressenet", epochs=6, batch_size=128, max_lr=0.01, pct_start=0.2, div_factor=10.0,
+    # label smoothing, 50k/10k train/validation split. Final validation accuracy over seeds 1-3 was
+    # 99.23-99.29% after 5 epochs and 99.23-99.39% after 6, still rising, so it trains for 8.
+    "seed2": dict(model="ressenet", epochs=8, batch_size=128, max_lr=0.01, pct_start=0.2, div_factor=10.0,
                   final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0, val_size=10_000, shift=2.0,
                   rotate=10.0, label_smoothing=0.1, dropout=0.1),
 }
@@ -106,6 +107,8 @@ def build_parser(recipe):
     p.add_argument("--shift", type=non_negative_float, help="augmentation: max random shift in pixels (0: none)")
     p.add_argument("--rotate", type=non_negative_float, help="augmentation: max random rotation in degrees")
     p.add_argument("--label-smoothing", type=fraction_or_zero, help="label smoothing of the training loss")
+    p.add_argument("--keep-best", action="store_true",
+                   help="keep the epoch with the best validation accuracy instead of the last one")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--exact", action="store_true",
                    help="torch's default kernels (foreach Adam, oneDNN) instead of the faster fused Adam")
@@ -124,7 +127,13 @@ def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", choices=sorted(RECIPES), default="seed1")
     known, _ = pre.parse_known_args(argv)
-    return build_parser(known.recipe).parse_args(argv)
+    parser = build_parser(known.recipe)
+    args = parser.parse_args(argv)
+    if args.val_size >= data_file.TRAIN_SIZE:
+        parser.error(f"argument --val-size: must leave training images, got {args.val_size}")
+    if not -2**63 <= args.seed < 2**64:
+        parser.error(f"argument --seed: must fit in 64 bits, got {args.seed}")
+    return args
 
 
 def pick_device(no_accel):
@@ -214,8 +223,8 @@ def train(args, log=print, data=None):
         row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0]}
         if val:
             row["val_acc"] = model_train.evaluate(model, *val, args.test_batch_size)["acc"]
-            # The validation set alone picks the epoch that is kept; the test set never steers anything.
-            if best is None or row["val_acc"] > best[0]:
+            # Only the validation set may pick the epoch that is kept; the test set never steers anything.
+            if args.keep_best and (best is None or row["val_acc"] > best[0]):
                 best = (row["val_acc"], epoch, copy.deepcopy(model.state_dict()))
         history.append(row)
         val_text = f"{row['val_acc']:7.2f}%" if val else f"{'-':>8}"

@@ -66,7 +66,7 @@ def plot_mistakes(metrics, test_images):
     mistakes = metrics["mistakes"]
     cols = 8
     rows = max(1, -(-len(mistakes) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 2.0 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (index, true, pred, confidence) in zip(axes.flat, mistakes):

@@ -76,6 +76,9 @@ def plot(rows, batch_sizes, dropouts):
         axes[1].plot(xs, run, "o-", label=f"dropout {d}")
     axes[0].set(title="test accuracy (%)", xlabel="batch size", xscale="log")
     axes[1].set(title="running train accuracy (%)", xlabel="batch size", xscale="log")
+    for ax in axes:
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        ax.minorticks_off()
     axes[0].legend(fontsize=8)
     fig.suptitle("seed-1 network, one epoch (mean over seeds)")
     fig.tight_layout()
