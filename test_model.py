@@ -37,6 +37,14 @@ def run_cli(*args, cwd=HERE):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_mnist_left_intact():
+    """The real MNIST files are shared by every test: fetch them once, and fail the run if any test changed them."""
+    data_file.ensure_mnist(DATA_DIR, log=lambda *a: None)
+    yield
+    assert data_file.bad_files(data_file.raw_dir(DATA_DIR)) == {}, "a test changed the shared MNIST files"
+
+
 @pytest.fixture(scope="session")
 def mnist():
     return data_file.load_mnist(DATA_DIR, log=lambda *a: None)
@@ -136,6 +144,11 @@ def copy_raw(tmp_path):
     return target
 
 
+def copy_into(tmp):
+    """A fetch source that serves the genuine files: copies them into its temporary folder, as a download would."""
+    return shutil.copytree(data_file.raw_dir(DATA_DIR), os.path.join(tmp, "raw"))
+
+
 def test_corrupted_data_file_is_detected_and_refetched(tmp_path, monkeypatch):
     target = copy_raw(tmp_path)
     path = os.path.join(target, "t10k-labels-idx1-ubyte")
@@ -146,12 +159,22 @@ def test_corrupted_data_file_is_detected_and_refetched(tmp_path, monkeypatch):
         f.write(bytes([(byte[0] + 1) % 10]))
     assert data_file.bad_files(target) == {"t10k-labels-idx1-ubyte": "SHA-256 mismatch (10008 bytes)"}
 
-    def from_good_copy(tmp):  # a source that serves the genuine files
-        return data_file.raw_dir(DATA_DIR)
-
-    monkeypatch.setattr(data_file, "SOURCES", [("a good copy", from_good_copy)])
+    monkeypatch.setattr(data_file, "SOURCES", [("a good copy", copy_into)])
     data_file.ensure_mnist(str(tmp_path), log=lambda *a: None)
     assert data_file.bad_files(target) == {}
+
+
+def test_fetch_killed_mid_way_is_never_taken_for_data(tmp_path, monkeypatch):
+    target = data_file.raw_dir(tmp_path)
+    stale = os.path.join(target, ".fetch-killed")  # what a killed fetch leaves: a temp folder, half a file
+    os.makedirs(stale)
+    with open(os.path.join(stale, "train-images-idx3-ubyte"), "wb") as f:
+        f.write(b"\0" * 1000)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert len(data_file.bad_files(target)) == 4  # nothing there counts as data
+    monkeypatch.setattr(data_file, "SOURCES", [("a good copy", copy_into)])
+    data_file.ensure_mnist(str(tmp_path), log=lambda *a: None)
+    assert data_file.bad_files(target) == {} and not os.path.exists(stale)
 
 
 def test_failed_fetch_leaves_nothing_behind_and_says_what_to_do(tmp_path, monkeypatch):
@@ -229,9 +252,11 @@ def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, seed1
 
 def test_cli_dry_run_writes_metrics(tmp_path):
     out = tmp_path / "missing" / "folders" / "run"  # created on the way
-    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(out), "--save-model")
+    r = run_cli("--dry-run", "--no-progress", "--no-accel", "--data-dir", DATA_DIR, "--out-dir", str(out),
+                "--save-model")
     assert r.returncode == 0, r.stderr
     assert "13,242 parameters" in r.stdout and "test accuracy" in r.stdout
+    assert r.stdout.count("device cpu") == 1  # the device is said once, at the start
     assert sorted(os.listdir(out)) == ["confusion.png", "curves.png", "metrics.json", "mistakes.png", "model.pt"]
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     assert checkpoint["metrics"]["parameters"] == 13_242
