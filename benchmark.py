@@ -14,7 +14,6 @@ It prints the median ms per step, the implied seconds per 60,000-image epoch and
 """
 import argparse
 import statistics
-import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,14 +25,12 @@ import model_train
 from model import build_model
 
 VARIANTS = ("dataloader", "memory", "fast")
-THREADS = torch.get_num_threads()  # before any variant changes it
 
 
 def run(variant, steps, seed, data_dir, train, order):
     """Train `steps` batches from seed `seed` in `order`; return (seconds per step, final state_dict)."""
     recipe = argparse.Namespace(**main.RECIPES["seed1"])
     fast = variant == "fast"
-    torch.set_num_threads(THREADS)
     main.use_fast_cpu_kernels(fast, recipe.batch_size)
     torch.manual_seed(seed)
     model = build_model(recipe.model)
@@ -65,7 +62,7 @@ def benchmark():
     train = data_file.load_mnist(args.data_dir)["train"]
     order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))
     order = order[:args.steps * main.RECIPES["seed1"]["batch_size"]]
-    print(f"torch {torch.__version__}, {THREADS} threads, {args.rounds} rounds of {args.steps} steps")
+    print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.steps} steps")
     times = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         states = {}

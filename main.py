@@ -13,6 +13,7 @@ plots curves.png, confusion.png and mistakes.png, and with --save-model the chec
 """
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
@@ -41,6 +42,7 @@ RECIPES = {
 # Below this batch size each op is too small to gain from oneDNN convolutions or a second thread on CPU:
 # measured on 2 cores at batch 10, both cost time (benchmark.py); at batch 128 both pay.
 SMALL_BATCH = 64
+DEFAULT_THREADS = torch.get_num_threads()  # torch's choice for this machine, before anything changes it
 
 
 def positive_int(s):
@@ -113,7 +115,8 @@ def build_parser(recipe):
     p.add_argument("--exact", action="store_true",
                    help="torch's default kernels (foreach Adam, oneDNN) instead of the faster fused Adam")
     p.add_argument("--no-accel", action="store_true", help="train on the CPU even if an accelerator is present")
-    p.add_argument("--dry-run", action="store_true", help="train on a few batches only, to check the pipeline")
+    p.add_argument("--dry-run", action="store_true",
+                   help="one epoch of five batches and small evaluations, to check the pipeline")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
     p.add_argument("--out-dir", help="run folder for metrics.json and model.pt (default: runs/<recipe>-seed<seed>)")
     p.add_argument("--save-model", action="store_true", help="also write the checkpoint model.pt")
@@ -146,8 +149,7 @@ def use_fast_cpu_kernels(fast, batch_size):
     """At small batches on CPU, plain convolutions on one thread; torch's defaults otherwise, or if not fast."""
     small = fast and batch_size < SMALL_BATCH
     torch.backends.mkldnn.enabled = not small
-    if small:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1 if small else DEFAULT_THREADS)  # set both ways: runs in one process stay independent
 
 
 def make_optimizer(model, args, total_steps, fused):
@@ -193,9 +195,12 @@ def train(args, log=print, data=None):
         data = data_file.load_mnist(args.data_dir, val_size=args.val_size, split_seed=args.seed,
                                     device=device, log=log)
     (x_train, y_train), val, (x_test, y_test) = data["train"], data["val"], data["test"]
-    if args.dry_run:
+    epochs = args.epochs
+    if args.dry_run:  # one epoch of five batches, and one evaluation batch per split
+        epochs = 1
         x_train, y_train = x_train[:5 * args.batch_size], y_train[:5 * args.batch_size]
         x_test, y_test = x_test[:args.test_batch_size], y_test[:args.test_batch_size]
+        val = val and (val[0][:args.test_batch_size], val[1][:args.test_batch_size])
 
     model = build_model(args.model, dropout=args.dropout).to(device)
     if fast and device.type == "cpu" and args.batch_size >= SMALL_BATCH:
@@ -205,16 +210,16 @@ def train(args, log=print, data=None):
     log(f"model {args.model}: {params:,} parameters | device {device} | seed {args.seed} | "
         f"train {len(y_train):,} val {len(val[1]) if val else 0:,} test {len(y_test):,}")
     steps_per_epoch = data_file.num_batches(len(y_train), args.batch_size)
-    optimizer, scheduler = make_optimizer(model, args, args.epochs * steps_per_epoch, fused=fast)
+    optimizer, scheduler = make_optimizer(model, args, epochs * steps_per_epoch, fused=fast)
     generator = torch.Generator().manual_seed(args.seed)  # the training order and augmentation draws
     augment = None
     if args.shift or args.rotate:
-        def augment(x):
-            return data_file.random_shift_rotate(x, generator, args.shift, args.rotate)
+        augment = functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=args.shift,
+                                    max_degrees=args.rotate)
 
     history, best = [], None
     log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'lr':>9} {'seconds':>8}")
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, epochs + 1):
         batches = data_file.batches(x_train, y_train, args.batch_size, generator)
         row = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch,
                                           clip_grad=args.clip_grad, augment=augment,
@@ -230,7 +235,7 @@ def train(args, log=print, data=None):
         val_text = f"{row['val_acc']:7.2f}%" if val else f"{'-':>8}"
         log(f"{epoch:5d} {row['loss']:10.4f} {row['train_acc']:8.2f}% {val_text} {row['lr']:9.2e} "
             f"{row['seconds']:8.1f}")
-    kept_epoch = args.epochs
+    kept_epoch = epochs
     if best is not None:
         kept_epoch = best[1]
         model.load_state_dict(best[2])

@@ -19,7 +19,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data_file  # noqa: E402
@@ -99,12 +98,10 @@ def sweep(argv=None):
     done = read_done(results)
     cells = [(b, d, s) for b in args.batch_sizes for d in args.dropouts for s in args.seeds]
     data = data_file.load_mnist(args.data_dir)
-    threads = torch.get_num_threads()
     try:
         for b, d, s in tqdm(cells, desc="sweep", initial=0, dynamic_ncols=True):
             if (b, d, s) in done:
                 continue
-            torch.set_num_threads(threads)  # main.train lowers it for small batches; start each cell alike
             run_args = main.parse_args(["--batch-size", str(b), "--dropout", str(d), "--seed", str(s),
                                         "--data-dir", args.data_dir, "--no-progress"])
             model, metrics = main.train(run_args, log=lambda *a: None, data=data)
