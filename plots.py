@@ -70,7 +70,7 @@ def plot_mistakes(metrics, test_images):
     for ax in axes.flat:
         ax.axis("off")
     for ax, (index, true, pred, confidence) in zip(axes.flat, mistakes):
-        ax.imshow(test_images[index], cmap="gray")
+        ax.imshow(test_images[index].numpy(), cmap="gray")
         ax.set_title(f"true {true}, said {pred}\n{100 * confidence:.0f}% sure", fontsize=7)
     fig.suptitle("most confidently wrong test digits", fontsize=9)
     fig.tight_layout()

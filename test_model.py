@@ -1,7 +1,7 @@
 """Tests on the real MNIST data: shapes and sizes on random tensors, then real training with real thresholds.
 
-    pytest                  # everything, about 2 minutes on 2 CPU cores
-    pytest -m "not slow"    # skip the training runs
+    pytest                  # everything: 33 tests in 3 min 43 s on 2 CPU cores (2.2 min of it the seed-2 run)
+    pytest -m "not slow"    # skip the full training runs
 
 MNIST is fetched once into $MNIST_DATA_DIR (default ./data, the folder main.py uses) and only read
 after that; everything a test writes goes under its own tmp_path.
@@ -381,7 +381,7 @@ def test_bad_checkpoints_are_refused_clearly(seed1_checkpoint, tmp_path):
         main.load_checkpoint(truncated)
     evil, flag = tmp_path / "evil.pt", tmp_path / "code-ran"
     with open(evil, "wb") as f:
-        pickle.dump({"model": Boom(str(flag)), "model_name": "net"}, f)
+        pickle.dump({"model": Boom(str(flag)), "model_name": "net"}, f, protocol=2)
     with pytest.raises(main.CheckpointError, match="not a readable checkpoint"):
         main.load_checkpoint(evil)
     assert not flag.exists()  # weights_only: nothing in the file was run
