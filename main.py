@@ -23,7 +23,6 @@ import torch
 
 import data_file
 import model_train
-import plots
 from model import MODELS, build_model, count_parameters
 
 RECIPES = {
@@ -255,6 +254,10 @@ def train(args, log=print, data=None):
 
 
 def save_run(out_dir, args, model, metrics, log=print):
+    # Imported here, once training has let go of the data: matplotlib adds ~50 MB, which at start-up
+    # pushed the peak memory of `python main.py` over 1 GB.
+    import plots
+
     os.makedirs(out_dir, exist_ok=True)
     config = vars(args)
     text = json.dumps({"config": config, **metrics}, indent=2).encode()
