@@ -180,7 +180,12 @@ def atomic_write(path, write):
         raise
 
 
-def train(args, log=print, data=None):
+def say(*parts):
+    """print, flushed: each line shows up at once even when stdout is a pipe (`python main.py | tee log`)."""
+    print(*parts, flush=True)
+
+
+def train(args, log=say, data=None):
     """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
 
     `data` is what data_file.load_mnist returns, for callers that train many times on the same split.
@@ -253,7 +258,7 @@ def train(args, log=print, data=None):
     return model, metrics
 
 
-def save_run(out_dir, args, model, metrics, log=print):
+def save_run(out_dir, args, model, metrics, log=say):
     # Imported here, once training has let go of the data: matplotlib adds ~50 MB, which at start-up
     # pushed the peak memory of `python main.py` over 1 GB.
     import plots
