@@ -184,8 +184,8 @@ def load_mnist(data_dir="./data", val_size=0, split_seed=0, device="cpu", log=pr
 def batches(images, labels, batch_size, generator=None):
     """Yield (images, labels) slices of `batch_size`; shuffled by a fresh permutation when a generator is given.
 
-    The permutation is `torch.randperm(n, generator=generator)`, which is what DataLoader's RandomSampler
-    draws, so the same generator state gives the same batches as DataLoader(shuffle=True).
+    The permutation is `torch.randperm(n, generator=generator)`, the order DataLoader's RandomSampler would
+    draw; benchmark.py hands that same order to a DataLoader and gets bit-identical training.
     """
     if generator is None:
         for i in range(0, len(labels), batch_size):

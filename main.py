@@ -112,7 +112,7 @@ def build_parser(recipe):
                    help="keep the epoch with the best validation accuracy instead of the last one")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--exact", action="store_true",
-                   help="torch's default kernels (foreach Adam, oneDNN) instead of the faster fused Adam")
+                   help="torch's default kernels (default Adam, oneDNN) instead of the faster fused Adam")
     p.add_argument("--no-accel", action="store_true", help="train on the CPU even if an accelerator is present")
     p.add_argument("--dry-run", action="store_true",
                    help="one epoch of five batches and small evaluations, to check the pipeline")
@@ -154,7 +154,7 @@ def use_fast_cpu_kernels(fast, batch_size):
 def make_optimizer(model, args, total_steps, fused):
     """Adam (AdamW when the recipe asks for weight decay) and OneCycleLR over `total_steps` batches.
 
-    fused=True uses the single-kernel Adam, which rounds differently from the default foreach one.
+    fused=True uses the single-kernel Adam, which rounds differently from torch's default implementation.
     """
     if args.weight_decay:
         optimizer = torch.optim.AdamW(model.parameters(), args.max_lr, weight_decay=args.weight_decay,

@@ -52,7 +52,7 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
         optimizer.step()
         scheduler.step()
         loss_sum += loss_value * len(y)
-        correct += (output.argmax(1) == y).sum()  # a tensor: no device sync until it is printed
+        correct += (output.argmax(1) == y).sum()  # kept as a tensor, read only every postfix_every steps
         seen += len(y)
         if step % postfix_every == 0 or step == steps:
             point = [step, loss_sum / seen, 100 * int(correct) / seen, scheduler.get_last_lr()[0]]
