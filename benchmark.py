@@ -92,6 +92,7 @@ def benchmark():
         same = all(torch.equal(states["dataloader"][k], states["memory"][k]) for k in states["memory"])
         print(f"round {r + 1} memory weights identical to dataloader's: {same}")
         times["floor"].append(kernel_floor(args.steps, args.seed))
+        print(f"round {r + 1} {'floor':<10} {1e3 * times['floor'][-1]:6.3f} ms/step", flush=True)
     base = statistics.median(times["dataloader"])
     print(f"\n{'variant':<10} {'ms/step':>8} {'s/epoch':>8} {'speed-up':>8}")
     for v in VARIANTS + ("floor",):
