@@ -13,8 +13,8 @@ weights on the same shuffled order, in one process, round-robin, so machine nois
 It prints the median ms per step, the implied seconds per 60,000-image epoch and the ratio to dataloader,
 and a floor: the two convolutions and two max-pools alone, forward and backward, with fast's kernel settings.
 No seed-1 step can be cheaper than that floor with torch's CPU kernels. On a 2-core AMD EPYC VM (AVX2,
-torch 2.14.1) it measured 1.33 ms per step (8.0 s per epoch) here and 1.22-1.30 ms in two standalone
-timings, before the fully connected layers, loss, clipping, Adam and the scheduler are counted.
+torch 2.14.1) it measured 1.18 ms per step (7.1 s per epoch) here and 1.31-1.43 ms in three standalone
+timings of kernel_floor, before the fully connected layers, loss, clipping, Adam and the scheduler are counted.
 """
 import argparse
 import statistics
@@ -65,6 +65,7 @@ def kernel_floor(steps, seed):
     x = torch.randn(recipe.batch_size, 1, 28, 28)
     start = time.perf_counter()
     for _ in range(steps):
+        net.zero_grad(set_to_none=True)  # fresh gradients each step, as in training (no accumulation)
         h = net.pool(net.conv2(net.pool(net.conv1(x))))  # no ReLU, dropout, FC, loss or optimizer
         h.backward(torch.ones_like(h))
     return (time.perf_counter() - start) / steps
