@@ -64,15 +64,33 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
             "seconds": seconds, "curve": curve}
 
 
+# Test-time augmentation: the image as it is and moved one pixel left, right, up and down (dx, dy).
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
 @torch.inference_mode()
-def evaluate(model, images, labels, batch_size=1000, details=False):
-    """Loss (mean negative log-likelihood) and accuracy in % over (images, labels), in eval mode, in order.
+def predict_log_probs(model, images, tta=False):
+    """The model's log-probabilities (B, 10) for a batch; with tta, the log of its softmax averaged over
+    the image and its four one-pixel shifts (TTA_SHIFTS). The caller puts the model in eval mode."""
+    if not tta:
+        return model(images)
+    h, w = images.shape[-2:]
+    # Edge pixels repeat into the gap, as in data_file.random_shift_rotate; in MNIST they are background.
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    probs = sum(model(padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]).exp() for dx, dy in TTA_SHIFTS)
+    return (probs / len(TTA_SHIFTS)).log()
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, batch_size=1000, details=False, tta=False):
+    """Loss (mean negative log-likelihood) and accuracy in % over (images, labels), in eval mode, in order;
+    with tta, of the prediction averaged over one-pixel shifts (predict_log_probs).
 
     With details=True also "confusion" (10x10 counts, rows true, columns predicted) and "mistakes": the
     16 most confidently wrong [index, true, predicted, confidence], most confident first.
     """
     model.eval()
-    output = torch.cat([model(x) for x, _ in data_file.batches(images, labels, batch_size)])
+    output = torch.cat([predict_log_probs(model, x, tta) for x, _ in data_file.batches(images, labels, batch_size)])
     pred = output.argmax(1)
     result = {"loss": F.nll_loss(output, labels, reduction="sum").item() / len(labels),
               "acc": 100 * (pred == labels).sum().item() / len(labels)}

@@ -225,6 +225,27 @@ def test_same_seed_gives_identical_metrics_and_weights():
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_tta_averages_the_image_and_its_four_one_pixel_shifts():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.randn(len(x), 10).log_softmax(1)
+
+    x = torch.randn(3, 1, 28, 28)
+    out = model_train.predict_log_probs(Recorder(), x, tta=True)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(3))  # still log-probabilities
+    assert len(seen) == 5 and torch.equal(seen[0], x)
+    right, left, down, up = seen[1:]
+    assert torch.equal(right[..., 1:], x[..., :-1]) and torch.equal(left[..., :-1], x[..., 1:])
+    assert torch.equal(down[..., 1:, :], x[..., :-1, :]) and torch.equal(up[..., :-1, :], x[..., 1:, :])
+    assert torch.equal(right[..., 0], x[..., 0])  # the edge repeats into the gap, as in training's shifts
+    seen.clear()
+    model_train.predict_log_probs(Recorder(), x, tta=False)
+    assert len(seen) == 1
+
+
 def test_non_finite_loss_stops_training_at_once(mnist):
     torch.manual_seed(0)
     model = Net()
