@@ -370,6 +370,24 @@ def test_predict_reads_real_digits_in_any_form(seed1_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_scores_as_the_checkpoint_was_scored(seed2_run, tmp_path, monkeypatch, capsys):
+    args, model, metrics = seed2_run
+    main.save_run(str(tmp_path), argparse.Namespace(**{**vars(args), "save_model": True}), model, metrics,
+                  log=lambda *a: None)
+    from torchvision.datasets import MNIST
+    test = MNIST(DATA_DIR, train=False)
+    files = [(p, label) for p, label in write_digit_variants(tmp_path, test.data[:10], test.targets[:10])
+             if "plain" in p.name]
+    real, calls = model_train.predict_log_probs, []
+    monkeypatch.setattr(model_train, "predict_log_probs",
+                        lambda m, x, tta=False: calls.append(tta) or real(m, x, tta))
+    assert main.predict([*(str(p) for p, _ in files), "--checkpoint", str(tmp_path / "model.pt")]) == 0
+    assert args.tta and calls == [True] * len(files)  # the seed-2 recipe's test-time augmentation
+    predicted = [int(line.split(":")[1].split()[0]) for line in capsys.readouterr().out.splitlines()]
+    assert sum(p == label for p, (_, label) in zip(predicted, files)) >= 9
+
+
+@pytest.mark.slow
 def test_predict_bad_images_are_one_line_errors(seed1_checkpoint, tmp_path):
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
     (tmp_path / "empty.png").write_bytes(b"")
