@@ -2,8 +2,8 @@
 
     net             seed-1 network, 13,242 parameters: two 3x3 convs (1->4->8) with max-pooling, FC 392->32->10
     ressenet        seed-2 kind, 16,727 parameters: BatchNorm, residual blocks with squeeze-and-excitation
-                    attention, global average pooling, dropout; 99.47 +/- 0.01% test accuracy over seeds 1-3
-                    with `python main.py --recipe seed2` (8 epochs, test-time augmentation, ~140 s on 2 CPU
+                    attention, global average pooling, dropout; 99.49 +/- 0.04% test accuracy over seeds 1-3
+                    with `python main.py --recipe seed2` (8 epochs, test-time augmentation, ~100 s on 2 CPU
                     cores, torch 2.14.1)
     ressenet-small  the same with widths 8, 12, 12: 7,880 parameters
 
@@ -39,14 +39,15 @@ class Net(nn.Module):
 
 
 class ConvBN(nn.Sequential):
-    """3x3 (or 1x1) convolution without bias, BatchNorm, ReLU: the block every seed-2 layer is made of."""
+    """3x3 (or 1x1) convolution without bias, BatchNorm, ReLU: the block every seed-2 layer is made of.
 
-    def __init__(self, c_in, c_out, kernel_size=3):
-        super().__init__(
-            nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),  # BN supplies the bias
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        )
+    With pool=True a 2x2 max-pool follows the convolution directly, so BatchNorm and ReLU work on a quarter of
+    the pixels: in `ressenet`'s stem that makes a training step 11% faster (batch 128, 2 CPU cores).
+    """
+
+    def __init__(self, c_in, c_out, kernel_size=3, pool=False):
+        conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)  # BN supplies the bias
+        super().__init__(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 class SqueezeExcite(nn.Module):
@@ -81,12 +82,18 @@ class ResidualBlock(nn.Module):
 class ResSENet(nn.Module):
     """The seed-2 kind of network: BatchNorm, dropout, squeeze-and-excitation attention, residual blocks and
     global average pooling. Two max-pools bring 28x28 down to 14x14 and 7x7 early, where convolutions are cheap.
+
+    stem_pool_first pools the stem's convolution before its BatchNorm and ReLU rather than after. Over seeds
+    1-3 of the seed2 recipe it kept `ressenet`'s validation accuracy (99.48/99.46/99.35% against
+    99.54/99.44/99.35%) but cost `ressenet-small` 0.13 points (15 epochs) and saved it no time, so only
+    `ressenet` uses it.
     """
 
-    def __init__(self, widths=(8, 16, 20), dropout=0.1):
+    def __init__(self, widths=(8, 16, 20), dropout=0.1, stem_pool_first=True):
         super().__init__()
         c1, c2, c3 = widths
-        self.stem = ConvBN(1, c1)
+        self.stem_pool_first = stem_pool_first
+        self.stem = ConvBN(1, c1, pool=stem_pool_first)
         self.pool = nn.MaxPool2d(2)
         self.layer1 = ConvBN(c1, c2)
         self.res1 = ResidualBlock(c2)
@@ -97,7 +104,9 @@ class ResSENet(nn.Module):
         self.fc = nn.Linear(c3, 10)
 
     def forward(self, x):                     # (B, 1, 28, 28)
-        x = self.pool(self.stem(x))           # (B, c1, 14, 14)
+        x = self.stem(x)                      # (B, c1, 14, 14) pooled first, or (B, c1, 28, 28)
+        if not self.stem_pool_first:
+            x = self.pool(x)                  # (B, c1, 14, 14)
         x = self.res1(self.layer1(x))         # (B, c2, 14, 14)
         x = self.pool(x)                      # (B, c2, 7, 7)
         x = self.res2(self.layer2(x))         # (B, c3, 7, 7)
@@ -109,7 +118,7 @@ class ResSENet(nn.Module):
 MODELS = {
     "net": Net,
     "ressenet": ResSENet,
-    "ressenet-small": functools.partial(ResSENet, widths=(8, 12, 12)),
+    "ressenet-small": functools.partial(ResSENet, widths=(8, 12, 12), stem_pool_first=False),
 }
 
 
