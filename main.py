@@ -165,8 +165,13 @@ def make_optimizer(model, args, total_steps, fused):
                                       fused=fused)
     else:
         optimizer = torch.optim.Adam(model.parameters(), args.max_lr, fused=fused)
+    pct_start = args.pct_start
+    if pct_start * total_steps == 1:
+        # A warm-up of exactly one step has zero width, and OneCycleLR divides by it (e.g. `--recipe seed2
+        # --dry-run`: 5 steps x 0.2). Such a warm-up is none at all: anneal from the first step.
+        pct_start = 0.0
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.max_lr, total_steps=total_steps, pct_start=args.pct_start,
+        optimizer, max_lr=args.max_lr, total_steps=total_steps, pct_start=pct_start,
         div_factor=args.div_factor, final_div_factor=args.final_div_factor)
     return optimizer, scheduler
 

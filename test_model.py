@@ -1,6 +1,6 @@
 """Tests on the real MNIST data: shapes and sizes on random tensors, then real training with real thresholds.
 
-    pytest                  # everything: 35 tests in 3 min 59 s on 2 CPU cores (2.5 min of it the seed-2 run)
+    pytest                  # everything: 38 tests in 3 min 59 s on 2 CPU cores (2.5 min of it the seed-2 run)
     pytest -m "not slow"    # skip the full training runs
 
 MNIST is fetched once into $MNIST_DATA_DIR (default ./data, the folder main.py uses) and only read
@@ -223,6 +223,26 @@ def test_same_seed_gives_identical_metrics_and_weights():
         row.pop("seconds")
     assert m1 == m2
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.parametrize("recipe", sorted(main.RECIPES))
+def test_every_recipe_dry_runs(recipe):
+    args = main.parse_args(["--recipe", recipe, "--data-dir", DATA_DIR, "--no-progress", "--dry-run", "--no-accel"])
+    model, metrics = main.train(args, log=lambda *a: None)
+    assert metrics["epochs"][0]["steps"] == 5 and np.isfinite(metrics["epochs"][0]["loss"])
+
+
+def test_one_step_warm_up_means_none():
+    # 5 steps with pct_start 0.2 (the seed-2 dry run) give OneCycleLR a warm-up of zero width to divide by.
+    args = argparse.Namespace(weight_decay=0.0, max_lr=0.01, pct_start=0.2, div_factor=10.0, final_div_factor=100.0)
+    optimizer, scheduler = main.make_optimizer(torch.nn.Linear(2, 2), args, total_steps=5, fused=False)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] <= 0.01  # annealed from max_lr, no warm-up
+    assert lrs[-1] == pytest.approx(0.01 / 10 / 100)
 
 
 def test_tta_averages_the_image_and_its_four_one_pixel_shifts():
