@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 
 class Net(nn.Module):
@@ -88,11 +89,17 @@ class ResSENet(nn.Module):
     training step 11-15% faster. Over seeds 1-3 of the seed2 recipe it kept `ressenet`'s validation accuracy
     (99.48/99.46/99.35% against 99.54/99.44/99.35%) but lowered `ressenet-small`'s after 15 epochs
     (99.40/99.28/99.07% against 99.45/99.39/99.30%), so only `ressenet` uses it.
+
+    crop makes the network look only at the central crop x crop pixels. MNIST's digits are scaled into a 20x20 box
+    and centred by their mass, so the border is nearly blank: 1.1% of the training set's ink lies outside the
+    central 22x22 (0.3% outside 24x24). `ressenet` crops to 22x22, which makes its maps 11x11 and 5x5 and a step
+    at batch 256 take 0.53x the time of the uncropped network at batch 128.
     """
 
-    def __init__(self, widths=(8, 16, 20), dropout=0.1, stem_pool_first=True):
+    def __init__(self, widths=(8, 16, 20), dropout=0.1, stem_pool_first=True, crop=22):
         super().__init__()
         c1, c2, c3 = widths
+        self.crop = crop
         self.stem_pool_first = stem_pool_first
         self.stem = ConvBN(1, c1, pool=stem_pool_first)
         self.pool = nn.MaxPool2d(2)
@@ -105,12 +112,13 @@ class ResSENet(nn.Module):
         self.fc = nn.Linear(c3, 10)
 
     def forward(self, x):                     # (B, 1, 28, 28)
-        x = self.stem(x)                      # (B, c1, 14, 14) pooled first, or (B, c1, 28, 28)
+        x = TF.center_crop(x, [self.crop] * 2)  # (B, 1, S, S), S = crop
+        x = self.stem(x)                      # (B, c1, S/2, S/2) pooled first, or (B, c1, S, S)
         if not self.stem_pool_first:
-            x = self.pool(x)                  # (B, c1, 14, 14)
-        x = self.res1(self.layer1(x))         # (B, c2, 14, 14)
-        x = self.pool(x)                      # (B, c2, 7, 7)
-        x = self.res2(self.layer2(x))         # (B, c3, 7, 7)
+            x = self.pool(x)                  # (B, c1, S/2, S/2)
+        x = self.res1(self.layer1(x))         # (B, c2, S/2, S/2)
+        x = self.pool(x)                      # (B, c2, S/4, S/4), rounded down: 5x5 from 11x11, 7x7 from 14x14
+        x = self.res2(self.layer2(x))         # (B, c3, S/4, S/4)
         x = torch.flatten(self.gap(x), 1)     # (B, c3)
         x = self.fc(self.dropout(x))          # (B, 10)
         return F.log_softmax(x, dim=1)
@@ -119,7 +127,7 @@ class ResSENet(nn.Module):
 MODELS = {
     "net": Net,
     "ressenet": ResSENet,
-    "ressenet-small": functools.partial(ResSENet, widths=(8, 12, 12), stem_pool_first=False),
+    "ressenet-small": functools.partial(ResSENet, widths=(8, 12, 12), stem_pool_first=False, crop=28),
 }
 
 

@@ -120,6 +120,17 @@ def test_small_network_has_at_most_8000_parameters():
     assert count_parameters(build_model("ressenet-small")) <= 8_000
 
 
+def test_seed2_network_sees_only_the_central_22x22():
+    model = build_model("ressenet").eval()
+    x = torch.randn(2, 1, 28, 28)
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[3:25, 3:25] = False
+    with torch.no_grad():
+        out = model(x)
+        assert torch.allclose(model(x.masked_fill(border, 5.0)), out)  # the 3-pixel border is ignored
+        assert not torch.allclose(model(x.masked_fill(~border, 5.0)), out)
+
+
 # --- the data --------------------------------------------------------------------------------------
 
 def test_mnist_splits_are_normalised_like_torchvision(mnist):
