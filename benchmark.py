@@ -1,7 +1,9 @@
-"""Seed-1 training speed: the usual DataLoader pipeline against this repository's in-memory path.
+"""Training speed. Seed 1: the usual DataLoader pipeline against this repository's in-memory path.
+Seed 2: the cost per training image of `ressenet` uncropped against its 22x22 crop, at batch 128 and 256.
 
-    python benchmark.py                 # 3 rounds of 2,000 steps (a third of an epoch) per variant
+    python benchmark.py                 # seed 1: 3 rounds of 2,000 steps (a third of an epoch) per variant
     python benchmark.py --steps 6000 --rounds 1
+    python benchmark.py --recipe seed2 --rounds 7
 
 Three variants train the seed-1 network (batch 10, Adam + OneCycleLR, clipping) from the same initial
 weights on the same shuffled order, in one process, round-robin, so machine noise hits each alike:
@@ -15,8 +17,17 @@ and a floor: the two convolutions and two max-pools alone, forward and backward,
 No seed-1 step can be cheaper than that floor with torch's CPU kernels. On a 2-core AMD EPYC VM (AVX2,
 torch 2.14.1) it measured 1.18 ms per step (7.1 s per epoch) here and 1.31-1.43 ms in three standalone
 timings of kernel_floor, before the fully connected layers, loss, clipping, Adam and the scheduler are counted.
+
+The seed-2 variants each train `ressenet` with the seed2 recipe's loop (augmentation, AdamW, OneCycleLR,
+channels-last) on the same --images training images per round, round-robin:
+  28x28-b128   the whole image at batch 128 (the network and batch before the crop)
+  28x28-b256   the whole image at batch 256
+  22x22-b256   what the seed2 recipe runs: the central 22x22 at batch 256
+It prints the median microseconds per training image, the implied seconds per 50,000-image epoch and the
+ratio to 28x28-b128.
 """
 import argparse
+import functools
 import statistics
 import time
 
@@ -30,6 +41,7 @@ import model_train
 from model import build_model
 
 VARIANTS = ("dataloader", "memory", "fast")
+SEED2_VARIANTS = {"28x28-b128": (28, 128), "28x28-b256": (28, 256), "22x22-b256": (22, 256)}  # crop, batch
 
 
 def run(variant, steps, seed, data_dir, train, order):
@@ -71,15 +83,57 @@ def kernel_floor(steps, seed):
     return (time.perf_counter() - start) / steps
 
 
+def run_seed2(crop, batch_size, train, images, seed):
+    """Train `ressenet` cropped to `crop` on the first `images` training images; return seconds per image."""
+    recipe = argparse.Namespace(**{**main.RECIPES["seed2"], "batch_size": batch_size})
+    main.use_fast_cpu_kernels(True, batch_size)
+    torch.manual_seed(seed)
+    model = build_model(recipe.model, crop=crop).to(memory_format=torch.channels_last)
+    steps = images // batch_size
+    optimizer, scheduler = main.make_optimizer(model, recipe, steps, fused=True)
+    generator = torch.Generator().manual_seed(seed)
+    augment = functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=recipe.shift,
+                                max_degrees=recipe.rotate)
+    batches = data_file.batches(train[0][:steps * batch_size], train[1][:steps * batch_size], batch_size, generator)
+    metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps, clip_grad=recipe.clip_grad,
+                                          augment=augment, label_smoothing=recipe.label_smoothing, progress=False)
+    return metrics["seconds"] / (steps * batch_size)
+
+
+def benchmark_seed2(args, train):
+    print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
+          f"images")
+    times = {v: [] for v in SEED2_VARIANTS}
+    run_seed2(28, 128, train, 2560, args.seed)  # warm-up: the first training in a process is slower
+    for r in range(args.rounds):
+        for v, (crop, batch_size) in SEED2_VARIANTS.items():
+            times[v].append(run_seed2(crop, batch_size, train, args.images, args.seed))
+            print(f"round {r + 1} {v:<10} {1e6 * times[v][-1]:6.1f} us/image", flush=True)
+    base = statistics.median(times["28x28-b128"])
+    print(f"\n{'variant':<10} {'us/image':>8} {'s/epoch':>8} {'time':>6}")
+    for v in SEED2_VARIANTS:
+        t = statistics.median(times[v])
+        print(f"{v:<10} {1e6 * t:8.1f} {50_000 * t:8.1f} {t / base:5.2f}x")
+
+
 def benchmark():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=main.positive_int, default=2000, help="training steps per variant and round")
+    p.add_argument("--recipe", choices=("seed1", "seed2"), default="seed1", help="which recipe's variants to time")
+    p.add_argument("--steps", type=main.positive_int, default=2000,
+                   help="seed 1: training steps per variant and round")
+    p.add_argument("--images", type=main.positive_int, default=15_360,
+                   help="seed 2: training images per variant and round")
     p.add_argument("--rounds", type=main.positive_int, default=3, help="rounds; the median is reported")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
     args = p.parse_args()
-    train = data_file.load_mnist(args.data_dir)["train"]
+    try:
+        train = data_file.load_mnist(args.data_dir)["train"]
+    except data_file.DataError as e:
+        p.exit(1, f"error: {e}\n")
+    if args.recipe == "seed2":
+        return benchmark_seed2(args, train)
     order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))
     order = order[:args.steps * main.RECIPES["seed1"]["batch_size"]]
     print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.steps} steps")
