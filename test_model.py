@@ -334,9 +334,12 @@ def test_bad_values_are_argparse_errors(flags, capsys):
 
 def test_ctrl_c_during_training_exits_promptly_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
+    # Ctrl-C as at a terminal: a shell that starts a job in the background (`pytest &`) has it ignore SIGINT,
+    # and the child would inherit that.
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), "--data-dir", DATA_DIR, "--out-dir",
                              str(out), "--save-model", "--no-progress"], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # the epoch table's header is printed just before the first batch
         if line.startswith("epoch"):
             break
