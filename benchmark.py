@@ -104,7 +104,7 @@ def benchmark_seed2(args, train):
     print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
           f"images")
     times = {v: [] for v in SEED2_VARIANTS}
-    run_seed2(28, 128, train, 2560, args.seed)  # warm-up: the first training in a process is slower
+    run_seed2(28, 128, train, 2560, args.seed)  # untimed: no variant pays for the process's first convolutions
     for r in range(args.rounds):
         for v, (crop, batch_size) in SEED2_VARIANTS.items():
             times[v].append(run_seed2(crop, batch_size, train, args.images, args.seed))
