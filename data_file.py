@@ -205,18 +205,22 @@ def num_batches(n, batch_size):
 
 def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0):
     """Each image moved by up to `max_shift` pixels along each axis and turned by up to `max_degrees`,
-    all drawn per sample from `generator`; one batched affine_grid + grid_sample, on the images' device.
+    all drawn per sample from `generator`; one batched grid_sample, on the images' device.
 
     Borders repeat the edge pixels, which in MNIST are background, so shifted-in areas stay black.
     """
     n, _, h, w = images.shape
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
     angle = (torch.rand(n, generator=generator) * 2 - 1) * torch.deg2rad(torch.tensor(max_degrees))
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    # affine_grid works in [-1, 1] coordinates: a shift of s pixels is 2s / size.
-    theta = torch.stack([torch.stack([cos, -sin, 2 * shift[:, 0] / w], 1),
-                         torch.stack([sin, cos, 2 * shift[:, 1] / h], 1)], 1).to(images.device)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # grid_sample works in [-1, 1] coordinates: a shift of s pixels is 2s / size.
+    cos, sin, dx, dy = (v.to(images.device)[:, None, None]  # (N, 1, 1) each
+                        for v in (torch.cos(angle), torch.sin(angle), 2 * shift[:, 0] / w, 2 * shift[:, 1] / h))
+    # The grid F.affine_grid(theta, images.shape, align_corners=False) would give, built by broadcasting:
+    # affine_grid's one 3x2 matrix product per image (bmm) took 2.1-2.9 ms at batch 256 on 2 CPU cores, about
+    # 5% of a seed-2 training step; this takes 0.3 ms.
+    xs = (torch.arange(w, device=images.device) * 2 + 1) / w - 1            # (W,) pixel centres
+    ys = ((torch.arange(h, device=images.device) * 2 + 1) / h - 1)[:, None]  # (H, 1)
+    grid = torch.stack([cos * xs - sin * ys + dx, sin * xs + cos * ys + dy], dim=-1)  # (N, H, W, 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

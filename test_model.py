@@ -256,6 +256,24 @@ def test_one_step_warm_up_means_none():
     assert lrs[-1] == pytest.approx(0.01 / 10 / 100)
 
 
+def test_augmentation_is_affine_grid_and_grid_sample_with_the_generators_draws():
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    same = data_file.random_shift_rotate(x, torch.Generator().manual_seed(0), max_shift=0.0, max_degrees=0.0)
+    torch.testing.assert_close(same, x)  # nothing drawn to move: every pixel samples its own centre
+    out = data_file.random_shift_rotate(x, torch.Generator().manual_seed(5), max_shift=2.0, max_degrees=10.0)
+    g = torch.Generator().manual_seed(5)  # the same draws, in the same order, through torch's affine_grid
+    shift = (torch.rand(16, 2, generator=g) * 2 - 1) * 2.0
+    angle = (torch.rand(16, generator=g) * 2 - 1) * torch.deg2rad(torch.tensor(10.0))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0] / 14], 1),  # a shift of s pixels is 2s / 28
+                         torch.stack([sin, cos, shift[:, 1] / 14], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [16, 1, 28, 28], align_corners=False)
+    expected = torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    # The two grids differ by float rounding (~1e-6 of the half-width), which moves a value by at most ~1e-4.
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    assert not torch.allclose(out, x, atol=0.1)  # and the images did move
+
+
 def test_tta_averages_the_image_and_its_four_one_pixel_shifts():
     seen = []
 
