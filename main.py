@@ -34,7 +34,7 @@ RECIPES = {
     # The seed-2 system: a BatchNorm/SE/residual/GAP network, AdamW + OneCycleLR, shifts and small rotations,
     # label smoothing, 50k/10k train/validation split. Test-time augmentation raised the final validation
     # accuracy of every seed of 1-3 (99.43/99.38/99.30% to 99.48/99.46/99.35%, uncropped, batch 128, max-lr
-    # 0.01). Cropping to 22x22 at batch 256 and max-lr 0.02 kept it (99.53/99.49/99.29%) at 0.59x the time
+    # 0.01). Cropping to 22x22 at batch 256 and max-lr 0.02 kept it (99.53/99.49/99.29%) at 0.6x the time
     # per image; 7 epochs instead of 8 lost (99.51/99.33/99.22%), so it trains for 8. Widths 8-16-16 at batch
     # 512 and max-lr 0.03 gave 99.45/99.54/99.33/99.48/99.45% for seeds 1-5, against 99.51/99.37/99.31/99.55/
     # 99.44% for widths 8-16-20 at batch 256 and max-lr 0.02, in less time per image (benchmark.py).
