@@ -4,6 +4,7 @@ Seed 2: the cost per training image of `ressenet` uncropped against its 22x22 cr
     python benchmark.py                 # seed 1: 3 rounds of 2,000 steps (a third of an epoch) per variant
     python benchmark.py --steps 6000 --rounds 1
     python benchmark.py --recipe seed2 --rounds 7
+    python benchmark.py --recipe small --rounds 7
 
 Three variants train the seed-1 network (batch 10, Adam + OneCycleLR, clipping) from the same initial
 weights on the same shuffled order, in one process, round-robin, so machine noise hits each alike:
@@ -30,7 +31,8 @@ channels-last) on the same --images training images per round, round-robin. Each
   22px 16-16-16 b256  all 16
   22px 8-16-16 b512   what the seed2 recipe runs
 It prints the median microseconds per training image, the implied seconds per 50,000-image epoch and the
-ratios to the first variant and to the recipe.
+ratios to the first variant and to the recipe. --recipe small times `ressenet-small` (depthwise-separable,
+widths 16-24-32) against the full-convolution small network it replaced (widths 8-12-12), both at batch 128.
 """
 import argparse
 import functools
@@ -47,12 +49,14 @@ import model_train
 from model import build_model
 
 VARIANTS = ("dataloader", "memory", "fast")
-SEED2_VARIANTS = {"28px 8-16-20 b128": (28, (8, 16, 20), 128), "28px 8-16-20 b256": (28, (8, 16, 20), 256),
-                  "22px 8-16-20 b256": (22, (8, 16, 20), 256), "22px 8-16-20 b512": (22, (8, 16, 20), 512),
-                  "20px 8-16-20 b256": (20, (8, 16, 20), 256), "22px 8-16-16 b256": (22, (8, 16, 16), 256),
-                  "22px 16-16-16 b256": (22, (16, 16, 16), 256),
-                  "22px 8-16-16 b512": (22, (8, 16, 16), 512)}  # crop, widths, batch size
+SEED2_VARIANTS = {f"{c}px {'-'.join(map(str, w))} b{b}": ("ressenet", dict(crop=c, widths=w), b)  # model, batch
+                  for c, w, b in [(28, (8, 16, 20), 128), (28, (8, 16, 20), 256), (22, (8, 16, 20), 256),
+                                  (22, (8, 16, 20), 512), (20, (8, 16, 20), 256), (22, (8, 16, 16), 256),
+                                  (22, (16, 16, 16), 256), (22, (8, 16, 16), 512)]}
 SEED2_RECIPE = "22px 8-16-16 b512"
+# The small network against the one it replaced, at the batch both train with (15 epochs, max-lr 0.01).
+SMALL_VARIANTS = {"full 8-12-12": ("ressenet", dict(widths=(8, 12, 12), stem_pool_first=False, crop=28), 128),
+                  "ressenet-small": ("ressenet-small", {}, 128)}
 
 
 def run(variant, steps, seed, data_dir, train, order):
@@ -94,12 +98,13 @@ def kernel_floor(steps, seed):
     return (time.perf_counter() - start) / steps
 
 
-def run_seed2(crop, widths, batch_size, train, images, seed):
-    """Train `ressenet` cropped to `crop` on the first `images` training images; return seconds per image."""
+def run_seed2(name, kwargs, batch_size, train, images, seed):
+    """Train `build_model(name, **kwargs)` with the seed2 recipe's loop on the first `images` training images;
+    return seconds per image."""
     recipe = argparse.Namespace(**{**main.RECIPES["seed2"], "batch_size": batch_size})
     main.use_fast_cpu_kernels(True, batch_size)
     torch.manual_seed(seed)
-    model = build_model(recipe.model, crop=crop, widths=widths).to(memory_format=torch.channels_last)
+    model = build_model(name, **kwargs).to(memory_format=torch.channels_last)
     steps = images // batch_size
     optimizer, scheduler = main.make_optimizer(model, recipe, steps, fused=True)
     generator = torch.Generator().manual_seed(seed)
@@ -111,19 +116,19 @@ def run_seed2(crop, widths, batch_size, train, images, seed):
     return metrics["seconds"] / (steps * batch_size)
 
 
-def benchmark_seed2(args, train):
+def benchmark_seed2(args, train, variants, recipe_variant):
     print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
           f"images")
-    times = {v: [] for v in SEED2_VARIANTS}
+    times = {v: [] for v in variants}
     # Untimed: no variant pays for the process's first convolutions.
-    run_seed2(*SEED2_VARIANTS[SEED2_RECIPE], train, 2560, args.seed)
+    run_seed2(*variants[recipe_variant], train, 2560, args.seed)
     for r in range(args.rounds):
-        for v, config in SEED2_VARIANTS.items():
+        for v, config in variants.items():
             times[v].append(run_seed2(*config, train, args.images, args.seed))
             print(f"round {r + 1} {v:<18} {1e6 * times[v][-1]:6.1f} us/image", flush=True)
-    first, recipe = statistics.median(next(iter(times.values()))), statistics.median(times[SEED2_RECIPE])
+    first, recipe = statistics.median(next(iter(times.values()))), statistics.median(times[recipe_variant])
     print(f"\n{'variant':<18} {'us/image':>8} {'s/epoch':>8} {'time':>6} {'vs recipe':>9}")
-    for v in SEED2_VARIANTS:
+    for v in variants:
         t = statistics.median(times[v])
         print(f"{v:<18} {1e6 * t:8.1f} {50_000 * t:8.1f} {t / first:5.2f}x {t / recipe:8.2f}x")
 
@@ -131,7 +136,8 @@ def benchmark_seed2(args, train):
 def benchmark():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", choices=("seed1", "seed2"), default="seed1", help="which recipe's variants to time")
+    p.add_argument("--recipe", choices=("seed1", "seed2", "small"), default="seed1",
+                   help="which recipe's variants to time; small: the seed-2 small network")
     p.add_argument("--steps", type=main.positive_int, default=2000,
                    help="seed 1: training steps per variant and round")
     p.add_argument("--images", type=main.positive_int, default=15_360,
@@ -145,7 +151,9 @@ def benchmark():
     except data_file.DataError as e:
         p.exit(1, f"error: {e}\n")
     if args.recipe == "seed2":
-        return benchmark_seed2(args, train)
+        return benchmark_seed2(args, train, SEED2_VARIANTS, SEED2_RECIPE)
+    if args.recipe == "small":
+        return benchmark_seed2(args, train, SMALL_VARIANTS, "ressenet-small")
     order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))
     order = order[:args.steps * main.RECIPES["seed1"]["batch_size"]]
     print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.steps} steps")
