@@ -31,8 +31,9 @@ channels-last) on the same --images training images per round, round-robin. Each
   22px 16-16-16 b256  all 16
   22px 8-16-16 b512   what the seed2 recipe runs
 It prints the median microseconds per training image, the implied seconds per 50,000-image epoch and the
-ratios to the first variant and to the recipe. --recipe small times `ressenet-small` (depthwise-separable,
-widths 16-24-32) against the full-convolution small network it replaced (widths 8-12-12), both at batch 128.
+ratios to the first variant and to the recipe. --recipe small times `ressenet-small` and `ressenet-tiny`
+(depthwise-separable, widths 16-24-32 and 16-20-24) against the full-convolution small network they replaced
+(widths 8-12-12), all at batch 128.
 """
 import argparse
 import functools
@@ -54,9 +55,9 @@ SEED2_VARIANTS = {f"{c}px {'-'.join(map(str, w))} b{b}": ("ressenet", dict(crop=
                                   (22, (8, 16, 20), 512), (20, (8, 16, 20), 256), (22, (8, 16, 16), 256),
                                   (22, (16, 16, 16), 256), (22, (8, 16, 16), 512)]}
 SEED2_RECIPE = "22px 8-16-16 b512"
-# The small network against the one it replaced, at the batch both train with (15 epochs, max-lr 0.01).
+# The small networks against the one they replaced, at the batch all train with (15 epochs, max-lr 0.01).
 SMALL_VARIANTS = {"full 8-12-12": ("ressenet", dict(widths=(8, 12, 12), stem_pool_first=False, crop=28), 128),
-                  "ressenet-small": ("ressenet-small", {}, 128)}
+                  "ressenet-small": ("ressenet-small", {}, 128), "ressenet-tiny": ("ressenet-tiny", {}, 128)}
 
 
 def run(variant, steps, seed, data_dir, train, order):

@@ -83,9 +83,11 @@ def test_unknown_model_name_is_rejected():
         build_model("resnet152")
 
 
-def test_seed2_network_has_every_component_under_20k_parameters():
-    model = build_model("ressenet").eval()
-    assert count_parameters(model) < 20_000
+@pytest.mark.parametrize("name, budget", [("ressenet", 19_999), ("ressenet-small", 8_000),
+                                          ("ressenet-tiny", 5_800)])
+def test_seed2_networks_have_every_component_within_their_parameter_budget(name, budget):
+    model = build_model(name).eval()
+    assert count_parameters(model) <= budget
     kinds = {type(m) for m in model.modules()}
     assert {torch.nn.BatchNorm2d, torch.nn.Dropout, torch.nn.AdaptiveAvgPool2d, SqueezeExcite} <= kinds
     assert model.gap.output_size in (1, (1, 1))  # the head pools globally, whatever the input size
@@ -114,10 +116,6 @@ def test_seed2_network_has_every_component_under_20k_parameters():
     with torch.no_grad():
         cut_residual(shortcut_only)
         assert not torch.allclose(shortcut_only(x), shortcut_only(torch.randn(4, 1, 28, 28)))
-
-
-def test_small_network_has_at_most_8000_parameters():
-    assert count_parameters(build_model("ressenet-small")) <= 8_000
 
 
 def test_seed2_network_sees_only_the_central_22x22():
