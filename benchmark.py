@@ -138,7 +138,7 @@ def benchmark():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=("seed1", "seed2", "small"), default="seed1",
-                   help="which recipe's variants to time; small: the seed-2 small network")
+                   help="which recipe's variants to time; small: the seed-2 small networks")
     p.add_argument("--steps", type=main.positive_int, default=2000,
                    help="seed 1: training steps per variant and round")
     p.add_argument("--images", type=main.positive_int, default=15_360,
