@@ -1,43 +1,28 @@
-"""Training speed. Seed 1: the usual DataLoader pipeline against this repository's in-memory path.
-Seed 2: the cost per training image of `ressenet` uncropped against its 22x22 crop, at batch 128 and 256.
+"""Training speed, measured as ratios in one process: variants run round-robin so machine noise hits each alike.
 
-    python benchmark.py                 # seed 1: 3 rounds of 2,000 steps (a third of an epoch) per variant
-    python benchmark.py --steps 6000 --rounds 1
-    python benchmark.py --recipe seed2 --rounds 7
-    python benchmark.py --recipe small --rounds 7
+    python benchmark.py                          # the seed-1 loop: DataLoader pipeline against in-memory paths
+    python benchmark.py --suite ressenet --rounds 7
+    python benchmark.py --suite small --rounds 7
 
-Three variants train the seed-1 network (batch 10, Adam + OneCycleLR, clipping) from the same initial
-weights on the same shuffled order, in one process, round-robin, so machine noise hits each alike:
+--suite pipeline trains the net-1epoch recipe (batch 10, Adam + OneCycleLR, clipping) three ways from the same
+initial weights on the same shuffled order:
   dataloader   torchvision MNIST + ToTensor + Normalize through a DataLoader (num_workers=1), torch defaults
   memory       the same math on the data held in memory as tensors: its weights must equal dataloader's bit for bit
-  fast         what main.py runs: data in memory, fused Adam, and at this batch size oneDNN convolutions
-               off and one thread (each measured faster here at batch 10: 12.2 s/epoch on 1 thread against
-               15.4 s on 2, medians of 3 rounds in one run)
-It prints the median ms per step, the implied seconds per 60,000-image epoch and the ratio to dataloader,
+  fast         what main.py runs: data in memory, fused Adam, and at this batch size oneDNN convolutions off
+               and one thread (each measured faster at batch 10 on 2 cores)
 and a floor: the two convolutions and two max-pools alone, forward and backward, with fast's kernel settings.
-No seed-1 step can be cheaper than that floor with torch's CPU kernels. On a 2-core AMD EPYC VM (AVX2,
-torch 2.14.1) it measured 1.18 ms per step (7.1 s per epoch) here and 1.31-1.43 ms in three standalone
-timings of kernel_floor, before the fully connected layers, loss, clipping, Adam and the scheduler are counted.
+It prints the median ms per step, the implied seconds per 60,000-image epoch and the ratio to dataloader.
 
-The seed-2 variants each train `ressenet` with the seed2 recipe's loop (augmentation, AdamW, OneCycleLR,
-channels-last) on the same --images training images per round, round-robin. Each is named by its input
-(the central crop), its widths (stem, 11x11 or 14x14 stage, 5x5 or 7x7 stage) and its batch size:
-  28px 8-16-20 b128   the whole image at batch 128: the network and batch before the crop
-  28px 8-16-20 b256   the same at batch 256
-  22px 8-16-20 b256   the central 22x22: the recipe before its widths and batch changed
-  22px 8-16-20 b512   the same at batch 512
-  20px 8-16-20 b256   the central 20x20
-  22px 8-16-16 b256   widths that are multiples of 16 after the stem (channels-last BatchNorm is fast there)
-  22px 16-16-16 b256  all 16
-  22px 8-16-16 b512   what the seed2 recipe runs
-It prints the median microseconds per training image, the implied seconds per 50,000-image epoch and the
-ratios to the first variant and to the recipe. --recipe small times `ressenet-small` and `ressenet-tiny`
-(depthwise-separable, widths 16-24-32 and 16-20-24) against the full-convolution small network they replaced
-(widths 8-12-12), all at batch 128.
+--suite ressenet and --suite small train networks with the ressenet-8epoch recipe's loop (augmentation, AdamW,
+OneCycleLR, channels-last) on the same --images training images per round, and print the median microseconds
+per training image and the ratios. ressenet: the 22x22 crop, widths and batch sizes the recipe was chosen
+among, named "<crop>px <widths> b<batch>"; small: ressenet-small and ressenet-tiny against the full-convolution
+small network they replaced. The figures and what was decided from them: docs/experiments.md.
 """
 import argparse
 import functools
 import statistics
+import sys
 import time
 
 import torch
@@ -45,7 +30,6 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import data_file
-import main
 import model_train
 from model import build_model
 
@@ -54,7 +38,7 @@ SEED2_VARIANTS = {f"{c}px {'-'.join(map(str, w))} b{b}": ("ressenet", dict(crop=
                   for c, w, b in [(28, (8, 16, 20), 128), (28, (8, 16, 20), 256), (22, (8, 16, 20), 256),
                                   (22, (8, 16, 20), 512), (20, (8, 16, 20), 256), (22, (8, 16, 16), 256),
                                   (22, (16, 16, 16), 256), (22, (8, 16, 16), 512)]}
-SEED2_RECIPE = "22px 8-16-16 b512"
+SEED2_RECIPE = "22px 8-16-16 b512"  # what ressenet-8epoch runs
 # The small networks against the one they replaced, at the batch all train with (15 epochs, max-lr 0.01).
 SMALL_VARIANTS = {"full 8-12-12": ("ressenet", dict(widths=(8, 12, 12), stem_pool_first=False, crop=28), 128),
                   "ressenet-small": ("ressenet-small", {}, 128), "ressenet-tiny": ("ressenet-tiny", {}, 128)}
@@ -62,12 +46,12 @@ SMALL_VARIANTS = {"full 8-12-12": ("ressenet", dict(widths=(8, 12, 12), stem_poo
 
 def run(variant, steps, seed, data_dir, train, order):
     """Train `steps` batches from seed `seed` in `order`; return (seconds per step, final state_dict)."""
-    recipe = argparse.Namespace(**main.RECIPES["seed1"])
+    recipe = model_train.recipe_config("net-1epoch")
     fast = variant == "fast"
-    main.use_fast_cpu_kernels(fast, recipe.batch_size)
+    model_train.use_fast_cpu_kernels(fast, recipe.batch_size)
     torch.manual_seed(seed)
     model = build_model(recipe.model)
-    optimizer, scheduler = main.make_optimizer(model, recipe, steps, fused=fast)
+    optimizer, scheduler = model_train.make_optimizer(model, recipe, steps, fused=fast)
     torch.manual_seed(seed + 1)  # dropout masks: the same stream for every variant
     if variant == "dataloader":
         tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -86,8 +70,8 @@ def run(variant, steps, seed, data_dir, train, order):
 
 def kernel_floor(steps, seed):
     """Seconds per step of the seed-1 network's convolutions and max-pools alone, forward and backward."""
-    recipe = argparse.Namespace(**main.RECIPES["seed1"])
-    main.use_fast_cpu_kernels(True, recipe.batch_size)
+    recipe = model_train.recipe_config("net-1epoch")
+    model_train.use_fast_cpu_kernels(True, recipe.batch_size)
     torch.manual_seed(seed)
     net = build_model(recipe.model)
     x = torch.randn(recipe.batch_size, 1, 28, 28)
@@ -100,14 +84,14 @@ def kernel_floor(steps, seed):
 
 
 def run_seed2(name, kwargs, batch_size, train, images, seed):
-    """Train `build_model(name, **kwargs)` with the seed2 recipe's loop on the first `images` training images;
-    return seconds per image."""
-    recipe = argparse.Namespace(**{**main.RECIPES["seed2"], "batch_size": batch_size})
-    main.use_fast_cpu_kernels(True, batch_size)
+    """Train `build_model(name, **kwargs)` with the ressenet-8epoch recipe's loop on the first `images` training
+    images; return seconds per image."""
+    recipe = model_train.recipe_config("ressenet-8epoch", batch_size=batch_size)
+    model_train.use_fast_cpu_kernels(True, batch_size)
     torch.manual_seed(seed)
     model = build_model(name, **kwargs).to(memory_format=torch.channels_last)
     steps = images // batch_size
-    optimizer, scheduler = main.make_optimizer(model, recipe, steps, fused=True)
+    optimizer, scheduler = model_train.make_optimizer(model, recipe, steps, fused=True)
     generator = torch.Generator().manual_seed(seed)
     augment = functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=recipe.shift,
                                 max_degrees=recipe.rotate)
@@ -118,7 +102,7 @@ def run_seed2(name, kwargs, batch_size, train, images, seed):
 
 
 def benchmark_seed2(args, train, variants, recipe_variant):
-    print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
+    print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
           f"images")
     times = {v: [] for v in variants}
     # Untimed: no variant pays for the process's first convolutions.
@@ -134,30 +118,49 @@ def benchmark_seed2(args, train, variants, recipe_variant):
         print(f"{v:<18} {1e6 * t:8.1f} {50_000 * t:8.1f} {t / first:5.2f}x {t / recipe:8.2f}x")
 
 
-def benchmark():
+def positive_int(s):
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", choices=("seed1", "seed2", "small"), default="seed1",
-                   help="which recipe's variants to time; small: the seed-2 small networks")
-    p.add_argument("--steps", type=main.positive_int, default=2000,
-                   help="seed 1: training steps per variant and round")
-    p.add_argument("--images", type=main.positive_int, default=15_360,
-                   help="seed 2: training images per variant and round")
-    p.add_argument("--rounds", type=main.positive_int, default=3, help="rounds; the median is reported")
+    p.add_argument("--suite", choices=("pipeline", "ressenet", "small"), default="pipeline",
+                   help="which variants to time (see the top of this file)")
+    p.add_argument("--steps", type=positive_int, default=2000,
+                   help="pipeline: training steps per variant and round")
+    p.add_argument("--images", type=positive_int, default=15_360,
+                   help="ressenet, small: training images per variant and round")
+    p.add_argument("--rounds", type=positive_int, default=3, help="rounds; the median is reported")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         train = data_file.load_mnist(args.data_dir)["train"]
+        if args.suite == "ressenet":
+            benchmark_seed2(args, train, SEED2_VARIANTS, SEED2_RECIPE)
+        elif args.suite == "small":
+            benchmark_seed2(args, train, SMALL_VARIANTS, "ressenet-small")
+        else:
+            benchmark_pipeline(args, train)
     except data_file.DataError as e:
-        p.exit(1, f"error: {e}\n")
-    if args.recipe == "seed2":
-        return benchmark_seed2(args, train, SEED2_VARIANTS, SEED2_RECIPE)
-    if args.recipe == "small":
-        return benchmark_seed2(args, train, SMALL_VARIANTS, "ressenet-small")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def benchmark_pipeline(args, train):
+    batch_size = model_train.recipe_config("net-1epoch").batch_size
     order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))
-    order = order[:args.steps * main.RECIPES["seed1"]["batch_size"]]
-    print(f"torch {torch.__version__}, {main.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.steps} steps")
+    order = order[:args.steps * batch_size]
+    print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, {args.rounds} rounds of "
+          f"{args.steps} steps")
     times = {v: [] for v in VARIANTS + ("floor",)}
     for r in range(args.rounds):
         states = {}
@@ -177,4 +180,4 @@ def benchmark():
 
 
 if __name__ == "__main__":
-    benchmark()
+    sys.exit(benchmark())

@@ -1,7 +1,12 @@
-"""One epoch of training (OneCycleLR stepped every batch, gradient clipping) and evaluation.
+"""Training: the recipes, the seeded procedure that runs one (`train`), one epoch, and evaluation.
 
-Both return their metrics as a dict; the caller decides what to print, plot or save.
+`train(Config(...))` seeds everything, builds the network and the optimizer with OneCycleLR, trains epoch by
+epoch, scores validation after each epoch and the test set once at the end, and returns (model, metrics). It
+prints through a `log` callback and writes nothing: the run folder is run_folder.py's job.
 """
+import copy
+import dataclasses
+import functools
 import math
 import time
 
@@ -10,10 +15,205 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_file
+from model import build_model, count_parameters
+
+
+@dataclasses.dataclass
+class Config:
+    """Every value one training run depends on; a recipe is a named set of them (RECIPES)."""
+    recipe: str = "net-1epoch"
+    model: str = "net"
+    dropout: float = 0.005
+    epochs: int = 1
+    batch_size: int = 10
+    test_batch_size: int = 1000
+    optimizer: str = "adam"        # adam (AdamW when weight_decay > 0) or sgd
+    momentum: float = 0.9          # sgd only
+    schedule: str = "onecycle"     # onecycle, or constant: max_lr throughout
+    max_lr: float = 0.005
+    pct_start: float = 0.1         # OneCycleLR: fraction of the steps spent warming up
+    div_factor: float = 1.0        # OneCycleLR: initial lr = max_lr / div_factor
+    final_div_factor: float = 10.0  # OneCycleLR: final lr = initial lr / final_div_factor
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0         # max gradient norm; 0: no clipping
+    val_size: int = 0              # images carved from the 60k training set for validation
+    shift: float = 0.0             # augmentation: max random shift in pixels
+    rotate: float = 0.0            # augmentation: max random rotation in degrees
+    label_smoothing: float = 0.0
+    tta: bool = False              # also score validation and test with test-time augmentation
+    keep_best: bool = False        # keep the epoch with the best validation accuracy, not the last
+    seed: int = 1
+    exact: bool = False            # torch's default kernels instead of fused Adam and the CPU kernel choice
+    no_accel: bool = False         # the CPU even when an accelerator is present
+    dry_run: bool = False          # one epoch of five batches and one evaluation batch per split
+    data_dir: str = "./data"
+
+
+# A recipe names what it trains: the network and the schedule. Values not given are Config's defaults.
+RECIPES = {
+    # The seed-1 system: the 13,242-parameter CNN, Adam + OneCycleLR (flat at 0.005 for the first 10%, then
+    # annealed to 0.0005), batch 10, gradient norm clipped to 1.0, one epoch on all 60,000 images.
+    "net-1epoch": dict(),
+    # The seed-2 kind: BatchNorm/SE/residual/GAP network, AdamW + OneCycleLR, shifts and small rotations, label
+    # smoothing, a 50k/10k train/validation split, test-time augmentation. How it was chosen: docs/experiments.md.
+    "ressenet-8epoch": dict(model="ressenet", epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2,
+                            div_factor=10.0, final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0,
+                            val_size=10_000, shift=2.0, rotate=10.0, label_smoothing=0.1, dropout=0.1, tta=True),
+}
+RECIPES["ressenet-small-15epoch"] = dict(RECIPES["ressenet-8epoch"], model="ressenet-small", epochs=15,
+                                         batch_size=128, max_lr=0.01)
+RECIPES["ressenet-tiny-15epoch"] = dict(RECIPES["ressenet-small-15epoch"], model="ressenet-tiny")
+# The training the <20k reference used, on our network: SGD at a constant 0.05 with momentum 0.9, batch 128,
+# 19 epochs, a 50k/10k split; nothing else (no augmentation, label smoothing, weight decay or clipping).
+RECIPES["ressenet-sgd-19epoch"] = dict(model="ressenet", dropout=0.1, epochs=19, batch_size=128, optimizer="sgd",
+                                       momentum=0.9, schedule="constant", max_lr=0.05, clip_grad=0.0,
+                                       val_size=10_000)
+# The names these recipes had before; still accepted.
+ALIASES = {"seed1": "net-1epoch", "seed2": "ressenet-8epoch"}
+
+# Below this batch size each op is too small to gain from oneDNN convolutions or a second thread on CPU:
+# measured on 2 cores at batch 10, both cost time (benchmark.py); at batch 128 both pay.
+SMALL_BATCH = 64
+DEFAULT_THREADS = torch.get_num_threads()  # torch's choice for this machine, before anything changes it
+
+
+def recipe_config(name, **overrides):
+    """The Config of a recipe (or an alias of one), with `overrides` on top."""
+    name = ALIASES.get(name, name)
+    return Config(**{"recipe": name, **RECIPES[name], **overrides})
 
 
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the message names the step and learning rate."""
+
+
+def pick_device(no_accel):
+    if not no_accel and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def use_fast_cpu_kernels(fast, batch_size):
+    """At small batches on CPU, plain convolutions on one thread; torch's defaults otherwise, or if not fast."""
+    small = fast and batch_size < SMALL_BATCH
+    torch.backends.mkldnn.enabled = not small
+    torch.set_num_threads(1 if small else DEFAULT_THREADS)  # set both ways: runs in one process stay independent
+
+
+def make_optimizer(model, config, total_steps, fused):
+    """The config's optimizer and its schedule over `total_steps` batches: (optimizer, scheduler).
+
+    Adam (AdamW when the config has weight decay) or SGD with momentum; OneCycleLR, or a constant rate.
+    fused=True uses the single-kernel Adam, which rounds differently from torch's default implementation.
+    """
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), config.max_lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    elif config.weight_decay:
+        optimizer = torch.optim.AdamW(model.parameters(), config.max_lr, weight_decay=config.weight_decay,
+                                      fused=fused)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), config.max_lr, fused=fused)
+    if config.schedule == "constant":
+        return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    pct_start = config.pct_start
+    if pct_start * total_steps == 1:
+        # A warm-up of exactly one step has zero width, and OneCycleLR divides by it (e.g. the 8-epoch
+        # recipe's dry run: 5 steps x 0.2). Such a warm-up is none at all: anneal from the first step.
+        pct_start = 0.0
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.max_lr, total_steps=total_steps, pct_start=pct_start,
+        div_factor=config.div_factor, final_div_factor=config.final_div_factor)
+    return optimizer, scheduler
+
+
+def train(config, log=print, data=None, progress=True):
+    """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
+
+    `data` is what data_file.load_mnist returns, for callers that train many times on the same split.
+    With config.tta, validation and test are scored both single-view and with test-time augmentation.
+    """
+    torch.manual_seed(config.seed)  # before anything random: model init, dropout, data order
+    device = pick_device(config.no_accel)
+    fast = not config.exact
+    if device.type == "cpu":
+        use_fast_cpu_kernels(fast, config.batch_size)
+    if data is None:
+        data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed,
+                                    device=device, log=log)
+    (x_train, y_train), val, (x_test, y_test) = data["train"], data["val"], data["test"]
+    epochs, eval_batch = config.epochs, config.test_batch_size
+    if config.dry_run:  # one epoch of five batches, and one evaluation batch per split
+        epochs = 1
+        x_train, y_train = x_train[:5 * config.batch_size], y_train[:5 * config.batch_size]
+        x_test, y_test = x_test[:eval_batch], y_test[:eval_batch]
+        val = val and (val[0][:eval_batch], val[1][:eval_batch])
+
+    model = build_model(config.model, dropout=config.dropout).to(device)
+    if fast and device.type == "cpu" and config.batch_size >= SMALL_BATCH:
+        # oneDNN skips a layout reorder around every convolution: ~10% faster at batch 128 on 2 cores.
+        model = model.to(memory_format=torch.channels_last)
+    params = count_parameters(model)
+    log(f"model {config.model}: {params:,} parameters | device {device} | seed {config.seed} | "
+        f"train {len(y_train):,} val {len(val[1]) if val else 0:,} test {len(y_test):,}")
+    steps_per_epoch = data_file.num_batches(len(y_train), config.batch_size)
+    optimizer, scheduler = make_optimizer(model, config, epochs * steps_per_epoch, fused=fast)
+    generator = torch.Generator().manual_seed(config.seed)  # the training order and augmentation draws
+    augment = None
+    if config.shift or config.rotate:
+        augment = functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=config.shift,
+                                    max_degrees=config.rotate)
+
+    # The validation figure that picks the kept epoch: with TTA, the TTA one, since that is how the run is scored.
+    val_key = "val_acc_tta" if config.tta else "val_acc"
+    history, best = [], None
+    log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'lr':>9} {'seconds':>8}")
+    for epoch in range(1, epochs + 1):
+        batches = data_file.batches(x_train, y_train, config.batch_size, generator)
+        row = train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch, clip_grad=config.clip_grad,
+                              augment=augment, label_smoothing=config.label_smoothing, desc=f"epoch {epoch}",
+                              progress=progress)
+        row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0]}
+        if val:
+            row.update(score(model, *val, eval_batch, config.tta, "val_"))
+            # Only the validation set may pick the epoch that is kept; the test set never steers anything.
+            if config.keep_best and (best is None or row[val_key] > best[0]):
+                best = (row[val_key], epoch, copy.deepcopy(model.state_dict()))
+        history.append(row)
+        val_text = f"{row[val_key]:7.2f}%" if val else f"{'-':>8}"
+        log(f"{epoch:5d} {row['loss']:10.4f} {row['train_acc']:8.2f}% {val_text} {row['lr']:9.2e} "
+            f"{row['seconds']:8.1f}")
+    kept_epoch = epochs
+    if best is not None:
+        kept_epoch = best[1]
+        model.load_state_dict(best[2])
+    test = score(model, x_test, y_test, eval_batch, config.tta, "test_", details=True)
+    metrics = {
+        "recipe": config.recipe, "model": config.model, "parameters": params, "seed": config.seed,
+        "device": str(device), "torch": str(torch.__version__),  # a plain str: loadable with weights_only
+        "threads": torch.get_num_threads(), "fast_path": fast, "epochs": history, "kept_epoch": kept_epoch,
+        "train_acc": history[kept_epoch - 1]["train_acc"], **test,
+        "train_seconds": sum(r["seconds"] for r in history),
+    }
+    figures = f"test accuracy {test['test_acc']:.2f}% single-view"
+    if config.tta:
+        figures += f", {test['test_acc_tta']:.2f}% with TTA"
+    log(f"{figures} | running train accuracy {metrics['train_acc']:.2f}% | kept epoch {kept_epoch} | "
+        f"training {metrics['train_seconds']:.1f} s")
+    return model, metrics
+
+
+def score(model, images, labels, batch_size, tta, prefix, details=False):
+    """{prefix+"acc", prefix+"loss"} single-view and, with tta, the same with a "_tta" suffix. With details,
+    also the confusion matrix and the most confident mistakes, of the prediction the run is scored on
+    (the TTA one when tta)."""
+    out = {}
+    for with_tta in (False, True) if tta else (False,):
+        result = evaluate(model, images, labels, batch_size, details=details and with_tta == tta, tta=with_tta)
+        suffix = "_tta" if with_tta else ""
+        out.update({prefix + "acc" + suffix: result.pop("acc"), prefix + "loss" + suffix: result.pop("loss")})
+        out.update(result)  # confusion and mistakes, once
+    return out
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_grad=1.0, augment=None,

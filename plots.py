@@ -6,14 +6,17 @@ test digits the model got most confidently wrong.
 main.py calls save_plots after every run it saves.
 """
 import argparse
-import json
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from torchvision.datasets import MNIST  # noqa: E402
+
+import data_file  # noqa: E402
+import run_folder  # noqa: E402
 
 
 def plot_curves(metrics):
@@ -30,10 +33,13 @@ def plot_curves(metrics):
     axes[0].plot(steps, loss)
     axes[0].set(title="training loss (running mean per epoch)", xlabel="step", yscale="log")
     axes[1].plot(steps, acc, label="running train accuracy")
-    val = [(e["epoch"] * e["steps"], e["val_acc"]) for e in metrics["epochs"] if "val_acc" in e]
-    if val:
-        axes[1].plot(*zip(*val), "o-", label="validation accuracy")
-    axes[1].axhline(metrics["test_acc"], color="k", ls=":", label=f"test accuracy {metrics['test_acc']:.2f}%")
+    for key, name in (("val_acc", "validation accuracy"), ("val_acc_tta", "validation accuracy with TTA")):
+        val = [(e["epoch"] * e["steps"], e[key]) for e in metrics["epochs"] if key in e]
+        if val:
+            axes[1].plot(*zip(*val), "o-", label=name)
+    for key, name, style in (("test_acc", "test accuracy", ":"), ("test_acc_tta", "test accuracy with TTA", "--")):
+        if key in metrics:
+            axes[1].axhline(metrics[key], color="k", ls=style, label=f"{name} {metrics[key]:.2f}%")
     axes[1].set(title="accuracy (%)", xlabel="step", ylim=(max(0, min(acc[len(acc) // 10:] + [95]) - 1), 100))
     axes[1].legend(loc="lower right", fontsize=8)
     axes[2].plot(steps, lr)
@@ -54,8 +60,9 @@ def plot_confusion(metrics):
             if confusion[t][p]:
                 ax.text(p, t, confusion[t][p], ha="center", va="center", fontsize=7,
                         color="white" if t == p else "black")
+    tta = "test_acc_tta" in metrics  # the confusion counts are of the prediction the run is scored on
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
-           title=f"test set: {metrics['test_acc']:.2f}% correct")
+           title=f"test set: {metrics['test_acc_tta' if tta else 'test_acc']:.2f}% correct{' with TTA' if tta else ''}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
@@ -77,24 +84,40 @@ def plot_mistakes(metrics, test_images):
     return fig
 
 
-def save_plots(run_dir, metrics, data_dir, write):
-    """Draw the three figures into run_dir; `write(path, fn)` writes a file atomically (main.atomic_write)."""
+def save_plots(run_dir, metrics, data_dir):
+    """Draw the three figures into run_dir, each written atomically; return their file names."""
     test_images = MNIST(data_dir, train=False).data
     figures = {"curves.png": plot_curves(metrics), "confusion.png": plot_confusion(metrics),
                "mistakes.png": plot_mistakes(metrics, test_images)}
     for name, fig in figures.items():
-        write(os.path.join(run_dir, name), lambda f: fig.savefig(f, format="png", dpi=110))
+        run_folder.atomic_write(os.path.join(run_dir, name), lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
     return list(figures)
 
 
-if __name__ == "__main__":
-    import main
-
+def main(argv=None):
     p = argparse.ArgumentParser(description="Draw a run folder's figures from its metrics.json.")
     p.add_argument("run_dir", help="a folder with metrics.json, written by main.py")
-    args = p.parse_args()
-    with open(os.path.join(args.run_dir, "metrics.json")) as f:
-        run = json.load(f)
-    for name in save_plots(args.run_dir, run, run["config"]["data_dir"], main.atomic_write):
+    args = p.parse_args(argv)
+    try:
+        run = run_folder.read_metrics(args.run_dir)
+        data_dir = run.get("config", {}).get("data_dir", "./data")
+        data_file.ensure_mnist(data_dir)  # the mistakes are drawn from the test images
+        names = save_plots(args.run_dir, run, data_dir)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        print(f"error: {os.path.join(args.run_dir, 'metrics.json')}: not the metrics of a finished run "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
+    except (run_folder.RunFolderError, data_file.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write the figures into {args.run_dir}: {e.strerror}", file=sys.stderr)
+        return 1
+    for name in names:
         print(os.path.join(args.run_dir, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

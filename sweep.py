@@ -3,9 +3,9 @@
     python sweep.py                              # 4 batch sizes x 4 dropouts x 2 seeds, ~10 min on 2 cores
     python sweep.py --seeds 1 2 3 --out-dir runs/sweep
 
-Each cell trains the seed-1 recipe (Adam + OneCycleLR as in main.py, one epoch) with that batch size and
-dropout, and records running train accuracy (measured while training), evaluated train accuracy (the final
-model on all 60,000 training images, eval mode), test accuracy and seconds. Finished cells are appended to
+Each cell trains the net-1epoch recipe (Adam + OneCycleLR, one epoch) with that batch size and dropout, and
+records running train accuracy (measured while training), evaluated train accuracy (the final model on all
+60,000 training images, eval mode), test accuracy and seconds. Finished cells are appended to
 <out-dir>/sweep.jsonl as they finish, and a rerun skips them, so an interrupted sweep loses nothing.
 At the end it writes <out-dir>/sweep.md (a markdown table) and sweep.png.
 """
@@ -22,21 +22,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data_file  # noqa: E402
-import main  # noqa: E402
 import model_train  # noqa: E402
+import run_folder  # noqa: E402
 
 
 def read_done(path):
     """Cells already in the results file, keyed by (batch_size, dropout, seed)."""
     done = {}
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             for line in f:
                 try:
                     row = json.loads(line)
                     done[(row["batch_size"], row["dropout"], row["seed"])] = row
-                except (json.JSONDecodeError, KeyError):
-                    pass  # a line cut off by an interrupted write: that cell runs again
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut off by an interrupted write, or not a cell's: that cell runs again
     return done
 
 
@@ -84,27 +84,36 @@ def plot(rows, batch_sizes, dropouts):
     return fig
 
 
-def sweep(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description="Seed-1 network: batch size x dropout x seed, one epoch each.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-sizes", type=main.positive_int, nargs="+", default=[128, 100, 50, 10])
-    p.add_argument("--dropouts", type=main.fraction_or_zero, nargs="+", default=[0.25, 0.2, 0.1, 0.005])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 100, 50, 10])
+    p.add_argument("--dropouts", type=float, nargs="+", default=[0.25, 0.2, 0.1, 0.005])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
-    p.add_argument("--out-dir", default=os.path.join("runs", "sweep"), help="results folder")
+    p.add_argument("--out-dir", default=os.path.join(run_folder.RUNS, "sweep"), help="results folder")
     args = p.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
+    if min(args.batch_sizes) < 1:
+        p.error(f"argument --batch-sizes: must be positive integers, got {min(args.batch_sizes)}")
+    if not all(0 <= d < 1 for d in args.dropouts):
+        p.error("argument --dropouts: each must be at least 0 and below 1")
+    return args
+
+
+def sweep(argv=None):
+    args = parse_args(argv)
     results = os.path.join(args.out_dir, "sweep.jsonl")
-    done = read_done(results)
     cells = [(b, d, s) for b in args.batch_sizes for d in args.dropouts for s in args.seeds]
-    data = data_file.load_mnist(args.data_dir)
+    done = {}
     try:
+        run_folder.prepare(args.out_dir)
+        done = read_done(results)
+        data = data_file.load_mnist(args.data_dir)
         for b, d, s in tqdm(cells, desc="sweep", initial=0, dynamic_ncols=True):
             if (b, d, s) in done:
                 continue
-            run_args = main.parse_args(["--batch-size", str(b), "--dropout", str(d), "--seed", str(s),
-                                        "--data-dir", args.data_dir, "--no-progress"])
-            model, metrics = main.train(run_args, log=lambda *a: None, data=data)
+            config = model_train.recipe_config("net-1epoch", batch_size=b, dropout=d, seed=s, data_dir=args.data_dir)
+            model, metrics = model_train.train(config, log=lambda *a: None, data=data, progress=False)
             row = {"batch_size": b, "dropout": d, "seed": s, "train_acc": metrics["train_acc"],
                    "eval_train_acc": model_train.evaluate(model, *data["train"])["acc"],
                    "test_acc": metrics["test_acc"], "seconds": metrics["train_seconds"],
@@ -112,15 +121,22 @@ def sweep(argv=None):
             with open(results, "a") as f:  # one line per finished cell: an interruption loses only the cell in hand
                 f.write(json.dumps(row) + "\n")
             done[(b, d, s)] = row
+        rows = [done[c] for c in cells]
+        table = summarise(rows, args.batch_sizes, args.dropouts)
+        run_folder.atomic_write(os.path.join(args.out_dir, "sweep.md"), lambda f: f.write(table.encode()))
+        fig = plot(rows, args.batch_sizes, args.dropouts)
+        run_folder.atomic_write(os.path.join(args.out_dir, "sweep.png"),
+                                lambda f: fig.savefig(f, format="png", dpi=110))
     except KeyboardInterrupt:
         print(f"interrupted: {len(done)} of {len(cells)} cells are in {results}; run again to finish",
               file=sys.stderr)
         return 130
-    rows = [done[c] for c in cells]
-    table = summarise(rows, args.batch_sizes, args.dropouts)
-    main.atomic_write(os.path.join(args.out_dir, "sweep.md"), lambda f: f.write(table.encode()))
-    fig = plot(rows, args.batch_sizes, args.dropouts)
-    main.atomic_write(os.path.join(args.out_dir, "sweep.png"), lambda f: fig.savefig(f, format="png", dpi=110))
+    except (run_folder.RunFolderError, data_file.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or args.out_dir}: {e.strerror}", file=sys.stderr)
+        return 1
     print(table)
     print(f"wrote {args.out_dir}/sweep.md and sweep.png")
     return 0

@@ -1,0 +1,133 @@
+"""A run folder: metrics.json (the config and every figure) and model.pt (the checkpoint), written atomically.
+
+The checkpoint is {"model": state_dict, "model_name", "config", "metrics"}; it is always read back with
+torch.load(..., weights_only=True), so nothing in a file is ever run. Every failure a user can cause (a folder
+that cannot be written, a missing or damaged file) raises RunFolderError with a one-line message.
+"""
+import glob
+import json
+import os
+import tempfile
+
+import torch
+
+from model import MODELS, build_model
+
+RUNS = "runs"  # where main.py puts its run folders
+
+
+class RunFolderError(Exception):
+    """A run folder cannot be written, or a file in one cannot be read; the message names the path."""
+
+
+def default_run_dir(recipe, seed, stamp):
+    """runs/<recipe>-seed<seed>-<stamp>: the recipe and seed say what ran, the time stamp keeps runs apart."""
+    return os.path.join(RUNS, f"{recipe}-seed{seed}-{stamp}")
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def prepare(out_dir):
+    """Make sure `out_dir` exists and takes files, before any training is spent on a run that could not be saved.
+
+    Returns the folders it created (deepest last), so a run that ends without results can remove them again.
+    """
+    created, path = [], os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        created.insert(0, path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # a folder we may not write into fails here
+    except FileExistsError:
+        raise RunFolderError(f"cannot use {out_dir} as the run folder: a file is in the way") from None
+    except OSError as e:
+        remove_empty(created)
+        raise RunFolderError(f"cannot write into run folder {out_dir}: {e.strerror}") from None
+    return created
+
+
+def remove_empty(folders):
+    """Remove those of `folders` (deepest last) that are empty: what prepare made for a run that saved nothing."""
+    for path in reversed(folders):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+def save(out_dir, config, model, metrics, save_model=True):
+    """Write metrics.json and, with save_model, model.pt into `out_dir`; return the paths written."""
+    text = json.dumps({"config": config, **metrics}, indent=2).encode()
+    paths = [os.path.join(out_dir, "metrics.json")]
+    atomic_write(paths[0], lambda f: f.write(text))
+    if save_model:
+        checkpoint = {"model": model.state_dict(), "model_name": metrics["model"], "config": config,
+                      "metrics": metrics}
+        paths.append(os.path.join(out_dir, "model.pt"))
+        atomic_write(paths[1], lambda f: torch.save(checkpoint, f))
+    return paths
+
+
+def read_metrics(run_dir):
+    """The dict in <run_dir>/metrics.json."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir}: no such run folder")
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: no such file (is {run_dir} a run folder written by main.py?)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); is it cut off?") from None
+    if not isinstance(run, dict):
+        raise RunFolderError(f"{path}: not the metrics of a run")
+    return run
+
+
+def newest_checkpoint(root=RUNS):
+    """The most recently written <root>/*/model.pt, or None."""
+    found = glob.glob(os.path.join(root, "*", "model.pt"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def load_checkpoint(path, model_name=None):
+    """Load a checkpoint written by save(); return (model in eval mode, checkpoint dict).
+
+    With `model_name`, a checkpoint of another network is refused, naming both.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise RunFolderError(f"{path}: is a directory, not a checkpoint") from None
+    except Exception as e:  # torch.load raises many kinds for a file that is not a plain checkpoint
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise RunFolderError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) \
+            or checkpoint.get("model_name") not in MODELS:
+        raise RunFolderError(f"{path}: not a checkpoint of this project (no known model_name and state_dict)")
+    name = checkpoint["model_name"]
+    if model_name is not None and name != model_name:
+        raise RunFolderError(f"{path} holds a {name!r} network, not the {model_name!r} network asked for")
+    model = build_model(name)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise RunFolderError(f"{path}: its weights do not fit the {name!r} network it names") from None
+    return model.eval(), checkpoint
