@@ -83,6 +83,7 @@ def build_parser(recipe):
     p.add_argument("--data-dir", help="where MNIST is kept (fetched if missing)")
     p.add_argument("--out-dir", help="run folder (default: runs/<recipe>-seed<seed>-<date>-<time>)")
     p.add_argument("--no-save-model", action="store_true", help="write no checkpoint model.pt")
+    p.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)  # the old flag: now the default
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(**dataclasses.asdict(model_train.recipe_config(recipe)))
     return p

@@ -1,15 +1,13 @@
 """The networks: tiny CNNs for 28x28 MNIST digits, each returning log-probabilities (B, 10).
 
-    net             seed-1 network, 13,242 parameters: two 3x3 convs (1->4->8) with max-pooling, FC 392->32->10
-    ressenet        seed-2 kind, 13,418 parameters: BatchNorm, residual blocks with squeeze-and-excitation
-                    attention, global average pooling, dropout, on the central 22x22 pixels; 99.51 +/- 0.03% test
-                    accuracy over seeds 1-3 with `python main.py --recipe seed2` (8 epochs at batch 512,
-                    test-time augmentation, 53 +/- 6 s of training on 2 CPU cores, torch 2.14.1)
-    ressenet-small  the same built from depthwise-separable convolutions, widths 16, 24, 32, on the whole 28x28
-                    image: 7,864 parameters; 99.49 +/- 0.03% test accuracy over seeds 1-3 in 15 epochs (README)
-    ressenet-tiny   the same with widths 16, 20, 24: 5,533 parameters; 99.45 +/- 0.01% test accuracy likewise
+    net             the seed-1 CNN, 13,242 parameters: two 3x3 convs (1->4->8) with max-pooling, FC 392->32->10
+    ressenet        13,418 parameters: BatchNorm, residual blocks with squeeze-and-excitation attention, global
+                    average pooling and dropout, on the central 22x22 pixels
+    ressenet-small  the same built from depthwise-separable convolutions, widths 16-24-32, whole image: 7,864
+    ressenet-tiny   the same with widths 16-20-24: 5,533 parameters
 
-Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size.
+Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size. What each
+reaches, and with which recipe: README.md; how each was chosen: docs/experiments.md.
 """
 import functools
 
@@ -42,11 +40,10 @@ class Net(nn.Module):
 
 
 class ConvBN(nn.Sequential):
-    """3x3 (or 1x1) convolution without bias, BatchNorm, ReLU: the block every seed-2 layer is made of.
+    """3x3 (or 1x1) convolution without bias, BatchNorm, ReLU: the block every ResSENet layer is made of.
 
     With pool=True a 2x2 max-pool follows the convolution directly, so BatchNorm and ReLU work on a quarter of
-    the pixels: in `ressenet`'s stem that makes a training step 11% faster (batch 128, 2 CPU cores; 41.5 against
-    37.0 ms, medians of 7 interleaved rounds of 60 steps in one process).
+    the pixels (11% faster training steps for `ressenet`'s stem).
     """
 
     def __init__(self, c_in, c_out, kernel_size=3, pool=False):
@@ -99,42 +96,18 @@ class ResidualBlock(nn.Module):
 
 
 class ResSENet(nn.Module):
-    """The seed-2 kind of network: BatchNorm, dropout, squeeze-and-excitation attention, residual blocks and
-    global average pooling. Two max-pools halve the image twice early (22x22 to 11x11 and 5x5 in `ressenet`), where
-    convolutions are cheap.
+    """BatchNorm, dropout, squeeze-and-excitation attention, residual blocks and global average pooling. Two
+    max-pools halve the image twice early, where convolutions are cheap.
 
-    stem_pool_first pools the stem's convolution before its BatchNorm and ReLU rather than after, which makes a
-    training step 11-15% faster. Over seeds 1-3 of the seed2 recipe before the crop it kept `ressenet`'s
-    validation accuracy (99.48/99.46/99.35% against 99.54/99.44/99.35%) but lowered that of the earlier small
-    network (full convolutions, widths 8, 12, 12) after 15 epochs (99.40/99.28/99.07% against 99.45/99.39/99.30%),
-    so only `ressenet` uses it.
-
-    crop makes the network look only at the central crop x crop pixels. MNIST's digits are scaled into a 20x20
-    box and centred by their mass, so the border is nearly blank: 1.1% of the training set's ink lies outside the
-    central 22x22 (0.3% outside 24x24). `ressenet` crops to 22x22, which makes its maps 11x11 and 5x5: at batch
-    256 a training image costs 0.60x what it did uncropped at batch 128 (widths 8-16-20, `python benchmark.py
-    --recipe seed2`).
-    The small networks do not crop: the earlier one, cropped and trained at batch 256 and max-lr 0.02 for 15
-    epochs, gave 99.55/99.29/99.21% validation accuracy (seeds 1-3), against 99.45/99.39/99.30% uncropped at batch
-    128 and max-lr 0.01.
-
-    separable builds every convolution after the first from a depthwise 3x3 and a pointwise 1x1
-    (`SeparableConvBN`), and adds one such convolution to the stem, at full resolution. `ressenet-small` uses it
-    with widths 16, 24, 32 (maps 28x28, 14x14 and 7x7): 7,864 parameters, at 1.04x the cost per training image of
-    the earlier small network (7,880 parameters; both channels-last, batch 128, `python benchmark.py --recipe
-    small`; the separable one takes about 1.5x as long in the default layout, timed once). Validation accuracy after 15
-    epochs at batch 128 and max-lr 0.01, seeds 1-3, on one thread per run: 99.64/99.49/99.32%, against
-    99.49/99.32/99.24% for the earlier network (`main.py`, two threads) and 99.39/99.41/99.25% without the stem's
-    separable convolution (7,432 parameters). `ressenet-tiny` narrows it to 16, 20, 24 (5,533 parameters) at
-    1.11x the cost per image of `ressenet-small`.
-
-    widths are the channels of the stem, the 11x11 stage and the 5x5 stage. `ressenet` uses 8, 16, 16: on
-    channels-last tensors torch's CPU BatchNorm is fast at multiples of 16 channels and 2-2.5x slower at 20
-    (forward and backward of a (256, C, 5, 5) batch: 0.40 ms at 16, 0.92-0.96 ms at 20), so 8, 16, 16 trains at
-    0.85x the cost per image of 8, 16, 20 (16,727 parameters) at batch 256, and 0.75x at batch 512. Validation
-    accuracy over seeds 1-5: 99.45/99.54/99.33/99.48/99.45% at batch 512 and max-lr 0.03 (the seed2 recipe),
-    99.43/99.37/99.35/99.50/99.44% at batch 256 and max-lr 0.02, against 99.51/99.37/99.31/99.55/99.44% for
-    8, 16, 20 at batch 256.
+    widths: the channels of the stem, the first stage and the second stage. On channels-last tensors torch's
+        CPU BatchNorm is fast at multiples of 16 channels and 2-2.5x slower at 20, hence `ressenet`'s 8-16-16.
+    crop: the network sees only the central crop x crop pixels. MNIST's digits sit in a 20x20 box centred by
+        mass, so the border is nearly blank (1.1% of the ink lies outside the central 22x22); `ressenet`'s 22x22
+        makes its maps 11x11 and 5x5, at 0.6x the cost per image of the whole image.
+    stem_pool_first: pool the stem's convolution before its BatchNorm and ReLU (faster, see ConvBN).
+    separable: every convolution after the first is depthwise-separable (SeparableConvBN), and the stem gets one
+        more at full resolution: more computation for the same parameters, for the small networks.
+    `ressenet` reaches 99.5% test accuracy with test-time augmentation in 8 epochs (README).
     """
 
     def __init__(self, widths=(8, 16, 16), dropout=0.1, stem_pool_first=True, crop=22, separable=False):
