@@ -20,7 +20,6 @@ among, named "<crop>px <widths> b<batch>"; small: ressenet-small and ressenet-ti
 small network they replaced. The figures and what was decided from them: docs/experiments.md.
 """
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -34,14 +33,20 @@ import model_train
 from model import build_model
 
 VARIANTS = ("dataloader", "memory", "fast")
-SEED2_VARIANTS = {f"{c}px {'-'.join(map(str, w))} b{b}": ("ressenet", dict(crop=c, widths=w), b)  # model, batch
+def ressenet_loop(model="ressenet", batch_size=512, **model_kwargs):
+    """(config, model_kwargs) of the ressenet-8epoch recipe's loop with another network or batch size."""
+    return model_train.recipe_config("ressenet-8epoch", model=model, batch_size=batch_size), model_kwargs
+
+
+SEED2_VARIANTS = {f"{c}px {'-'.join(map(str, w))} b{b}": ressenet_loop(batch_size=b, crop=c, widths=w)
                   for c, w, b in [(28, (8, 16, 20), 128), (28, (8, 16, 20), 256), (22, (8, 16, 20), 256),
                                   (22, (8, 16, 20), 512), (20, (8, 16, 20), 256), (22, (8, 16, 16), 256),
                                   (22, (16, 16, 16), 256), (22, (8, 16, 16), 512)]}
 SEED2_RECIPE = "22px 8-16-16 b512"  # what ressenet-8epoch runs
 # The small networks against the one they replaced, at the batch all train with (15 epochs, max-lr 0.01).
-SMALL_VARIANTS = {"full 8-12-12": ("ressenet", dict(widths=(8, 12, 12), stem_pool_first=False, crop=28), 128),
-                  "ressenet-small": ("ressenet-small", {}, 128), "ressenet-tiny": ("ressenet-tiny", {}, 128)}
+SMALL_VARIANTS = {"full 8-12-12": ressenet_loop(batch_size=128, widths=(8, 12, 12), stem_pool_first=False, crop=28),
+                  "ressenet-small": ressenet_loop("ressenet-small", 128),
+                  "ressenet-tiny": ressenet_loop("ressenet-tiny", 128)}
 
 
 def run(variant, steps, seed, data_dir, train, order):
@@ -83,33 +88,33 @@ def kernel_floor(steps, seed):
     return (time.perf_counter() - start) / steps
 
 
-def run_seed2(name, kwargs, batch_size, train, images, seed):
-    """Train `build_model(name, **kwargs)` with the ressenet-8epoch recipe's loop on the first `images` training
-    images; return seconds per image."""
-    recipe = model_train.recipe_config("ressenet-8epoch", batch_size=batch_size)
-    model_train.use_fast_cpu_kernels(True, batch_size)
-    torch.manual_seed(seed)
-    model = build_model(name, **kwargs).to(memory_format=torch.channels_last)
-    steps = images // batch_size
-    optimizer, scheduler = model_train.make_optimizer(model, recipe, steps, fused=True)
-    generator = torch.Generator().manual_seed(seed)
-    augment = functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=recipe.shift,
-                                max_degrees=recipe.rotate)
-    batches = data_file.batches(train[0][:steps * batch_size], train[1][:steps * batch_size], batch_size, generator)
-    metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps, clip_grad=recipe.clip_grad,
-                                          augment=augment, label_smoothing=recipe.label_smoothing, progress=False)
-    return metrics["seconds"] / (steps * batch_size)
+def time_recipe(config, model_kwargs, train, images):
+    """Seconds per training image of `config`'s training loop (kernel choice, memory layout, optimizer and
+    schedule, augmentation) on the first `images` training images, from seed config.seed."""
+    model_train.use_fast_cpu_kernels(True, config.batch_size)
+    torch.manual_seed(config.seed)
+    model = model_train.build_for(config, torch.device("cpu"), **model_kwargs)
+    steps = images // config.batch_size
+    optimizer, scheduler = model_train.make_optimizer(model, config, steps, fused=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    n = steps * config.batch_size
+    batches = data_file.batches(train[0][:n], train[1][:n], config.batch_size, generator)
+    metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps, clip_grad=config.clip_grad,
+                                          augment=model_train.augmentation(config, generator),
+                                          label_smoothing=config.label_smoothing, progress=False)
+    return metrics["seconds"] / n
 
 
-def benchmark_seed2(args, train, variants, recipe_variant):
+def benchmark_recipes(args, train, variants, recipe_variant):
+    """Time each of `variants`, {name: (config, model_kwargs)}, round-robin; ratios to the first and to one."""
     print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
           f"images")
     times = {v: [] for v in variants}
     # Untimed: no variant pays for the process's first convolutions.
-    run_seed2(*variants[recipe_variant], train, 2560, args.seed)
+    time_recipe(*variants[recipe_variant], train, 2560)
     for r in range(args.rounds):
-        for v, config in variants.items():
-            times[v].append(run_seed2(*config, train, args.images, args.seed))
+        for v, (config, kwargs) in variants.items():
+            times[v].append(time_recipe(config, kwargs, train, args.images))
             print(f"round {r + 1} {v:<18} {1e6 * times[v][-1]:6.1f} us/image", flush=True)
     first, recipe = statistics.median(next(iter(times.values()))), statistics.median(times[recipe_variant])
     print(f"\n{'variant':<18} {'us/image':>8} {'s/epoch':>8} {'time':>6} {'vs recipe':>9}")
@@ -141,9 +146,9 @@ def benchmark(argv=None):
     try:
         train = data_file.load_mnist(args.data_dir)["train"]
         if args.suite == "ressenet":
-            benchmark_seed2(args, train, SEED2_VARIANTS, SEED2_RECIPE)
+            benchmark_recipes(args, train, SEED2_VARIANTS, SEED2_RECIPE)
         elif args.suite == "small":
-            benchmark_seed2(args, train, SMALL_VARIANTS, "ressenet-small")
+            benchmark_recipes(args, train, SMALL_VARIANTS, "ressenet-small")
         else:
             benchmark_pipeline(args, train)
     except data_file.DataError as e:

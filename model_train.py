@@ -127,10 +127,28 @@ def make_optimizer(model, config, total_steps, fused):
     return optimizer, scheduler
 
 
-def train(config, log=print, data=None, progress=True):
+def build_for(config, device, **model_kwargs):
+    """The config's network on `device`, in the memory layout its training runs fastest in."""
+    model = build_model(config.model, dropout=config.dropout, **model_kwargs).to(device)
+    if not config.exact and device.type == "cpu" and config.batch_size >= SMALL_BATCH:
+        # oneDNN skips a layout reorder around every convolution: ~10% faster at batch 128 on 2 cores.
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def augmentation(config, generator):
+    """The config's training augmentation drawing from `generator`, or None."""
+    if not (config.shift or config.rotate):
+        return None
+    return functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=config.shift,
+                             max_degrees=config.rotate)
+
+
+def train(config, log=print, data=None, progress=True, model_kwargs=None):
     """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
 
-    `data` is what data_file.load_mnist returns, for callers that train many times on the same split.
+    `data` is what data_file.load_mnist returns, for callers that train many times on the same split;
+    `model_kwargs` go to the network's constructor (a variant of a named network, for experiments).
     With config.tta, validation and test are scored both single-view and with test-time augmentation.
     """
     torch.manual_seed(config.seed)  # before anything random: model init, dropout, data order
@@ -149,20 +167,14 @@ def train(config, log=print, data=None, progress=True):
         x_test, y_test = x_test[:eval_batch], y_test[:eval_batch]
         val = val and (val[0][:eval_batch], val[1][:eval_batch])
 
-    model = build_model(config.model, dropout=config.dropout).to(device)
-    if fast and device.type == "cpu" and config.batch_size >= SMALL_BATCH:
-        # oneDNN skips a layout reorder around every convolution: ~10% faster at batch 128 on 2 cores.
-        model = model.to(memory_format=torch.channels_last)
+    model = build_for(config, device, **({} if model_kwargs is None else model_kwargs))
     params = count_parameters(model)
     log(f"model {config.model}: {params:,} parameters | device {device} | seed {config.seed} | "
         f"train {len(y_train):,} val {len(val[1]) if val else 0:,} test {len(y_test):,}")
     steps_per_epoch = data_file.num_batches(len(y_train), config.batch_size)
     optimizer, scheduler = make_optimizer(model, config, epochs * steps_per_epoch, fused=fast)
     generator = torch.Generator().manual_seed(config.seed)  # the training order and augmentation draws
-    augment = None
-    if config.shift or config.rotate:
-        augment = functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=config.shift,
-                                    max_degrees=config.rotate)
+    augment = augmentation(config, generator)
 
     # The validation figure that picks the kept epoch: with TTA, the TTA one, since that is how the run is scored.
     val_key = "val_acc_tta" if config.tta else "val_acc"
