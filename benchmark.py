@@ -51,9 +51,9 @@ SMALL_VARIANTS = {"full 8-12-12": ressenet_loop(batch_size=128, widths=(8, 12, 1
 
 def run(variant, steps, seed, data_dir, train, order):
     """Train `steps` batches from seed `seed` in `order`; return (seconds per step, final state_dict)."""
-    recipe = model_train.recipe_config("net-1epoch")
     fast = variant == "fast"
-    model_train.use_fast_cpu_kernels(fast, recipe.batch_size)
+    recipe = model_train.recipe_config("net-1epoch", exact=not fast)
+    model_train.use_fast_cpu_kernels(recipe)
     torch.manual_seed(seed)
     model = build_model(recipe.model)
     optimizer, scheduler = model_train.make_optimizer(model, recipe, steps, fused=fast)
@@ -76,7 +76,7 @@ def run(variant, steps, seed, data_dir, train, order):
 def kernel_floor(steps, seed):
     """Seconds per step of the seed-1 network's convolutions and max-pools alone, forward and backward."""
     recipe = model_train.recipe_config("net-1epoch")
-    model_train.use_fast_cpu_kernels(True, recipe.batch_size)
+    model_train.use_fast_cpu_kernels(recipe)
     torch.manual_seed(seed)
     net = build_model(recipe.model)
     x = torch.randn(recipe.batch_size, 1, 28, 28)
@@ -91,7 +91,7 @@ def kernel_floor(steps, seed):
 def time_recipe(config, model_kwargs, train, images):
     """Seconds per training image of `config`'s training loop (kernel choice, memory layout, optimizer and
     schedule, augmentation) on the first `images` training images, from seed config.seed."""
-    model_train.use_fast_cpu_kernels(True, config.batch_size)
+    model_train.use_fast_cpu_kernels(config)
     torch.manual_seed(config.seed)
     model = model_train.build_for(config, torch.device("cpu"), **model_kwargs)
     steps = images // config.batch_size
