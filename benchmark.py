@@ -3,6 +3,7 @@
     python benchmark.py                          # the seed-1 loop: DataLoader pipeline against in-memory paths
     python benchmark.py --suite ressenet --rounds 7
     python benchmark.py --suite small --rounds 7
+    python benchmark.py --suite one-epoch --rounds 5
 
 --suite pipeline trains the net-1epoch recipe (batch 10, Adam + OneCycleLR, clipping) three ways from the same
 initial weights on the same shuffled order:
@@ -17,7 +18,9 @@ It prints the median ms per step, the implied seconds per 60,000-image epoch and
 OneCycleLR, channels-last) on the same --images training images per round, and print the median microseconds
 per training image and the ratios. ressenet: the 22x22 crop, widths and batch sizes the recipe was chosen
 among, named "<crop>px <widths> b<batch>"; small: ressenet-small and ressenet-tiny against the full-convolution
-small network they replaced. The figures and what was decided from them: docs/experiments.md.
+small network they replaced. --suite one-epoch times the two one-epoch recipes' loops, ressenet-wide-1epoch
+against net-1epoch (batch 10, the fast path), per training image. The figures and what was decided from them:
+docs/experiments.md.
 """
 import argparse
 import statistics
@@ -47,6 +50,7 @@ SEED2_RECIPE = "22px 8-16-16 b512"  # what ressenet-8epoch runs
 SMALL_VARIANTS = {"full 8-12-12": ressenet_loop(batch_size=128, widths=(8, 12, 12), stem_pool_first=False, crop=28),
                   "ressenet-small": ressenet_loop("ressenet-small", 128),
                   "ressenet-tiny": ressenet_loop("ressenet-tiny", 128)}
+ONE_EPOCH_VARIANTS = {r: (model_train.recipe_config(r), {}) for r in ("net-1epoch", "ressenet-wide-1epoch")}
 
 
 def run(variant, steps, seed, data_dir, train, order):
@@ -105,7 +109,7 @@ def time_recipe(config, model_kwargs, train, images):
     return metrics["seconds"] / n
 
 
-def benchmark_recipes(args, train, variants, recipe_variant):
+def benchmark_recipes(args, train, variants, recipe_variant, epoch_images=50_000):
     """Time each of `variants`, {name: (config, model_kwargs)}, round-robin; ratios to the first and to one."""
     print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
           f"images")
@@ -120,7 +124,7 @@ def benchmark_recipes(args, train, variants, recipe_variant):
     print(f"\n{'variant':<18} {'us/image':>8} {'s/epoch':>8} {'time':>6} {'vs recipe':>9}")
     for v in variants:
         t = statistics.median(times[v])
-        print(f"{v:<18} {1e6 * t:8.1f} {50_000 * t:8.1f} {t / first:5.2f}x {t / recipe:8.2f}x")
+        print(f"{v:<18} {1e6 * t:8.1f} {epoch_images * t:8.1f} {t / first:5.2f}x {t / recipe:8.2f}x")
 
 
 def positive_int(s):
@@ -133,12 +137,12 @@ def positive_int(s):
 def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=("pipeline", "ressenet", "small"), default="pipeline",
+    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch"), default="pipeline",
                    help="which variants to time (see the top of this file)")
     p.add_argument("--steps", type=positive_int, default=2000,
                    help="pipeline: training steps per variant and round")
     p.add_argument("--images", type=positive_int, default=15_360,
-                   help="ressenet, small: training images per variant and round")
+                   help="ressenet, small, one-epoch: training images per variant and round")
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds; the median is reported")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
@@ -149,6 +153,8 @@ def benchmark(argv=None):
             benchmark_recipes(args, train, SEED2_VARIANTS, SEED2_RECIPE)
         elif args.suite == "small":
             benchmark_recipes(args, train, SMALL_VARIANTS, "ressenet-small")
+        elif args.suite == "one-epoch":
+            benchmark_recipes(args, train, ONE_EPOCH_VARIANTS, "net-1epoch", epoch_images=data_file.TRAIN_SIZE)
         else:
             benchmark_pipeline(args, train)
     except data_file.DataError as e:

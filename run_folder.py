@@ -14,6 +14,8 @@ import torch
 from model import MODELS, build_model
 
 RUNS = "runs"  # where main.py puts its run folders
+UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
+os.umask(UMASK)
 
 
 class RunFolderError(Exception):
@@ -32,6 +34,7 @@ def atomic_write(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

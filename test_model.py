@@ -540,6 +540,13 @@ def test_train_then_predict_needs_no_flags(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith(f"{digit}: "), r.stderr
 
 
+def test_run_folder_files_get_the_usual_permissions(tmp_path):
+    path = tmp_path / "metrics.json"
+    run_folder.atomic_write(str(path), lambda f: f.write(b"{}"))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~run_folder.UMASK  # as open() would make it, not 0600
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
 def test_default_run_folders_say_what_ran_and_never_collide():
     a = run_folder.default_run_dir("net-1epoch", 3, "20260101-120000")
     assert a == os.path.join("runs", "net-1epoch-seed3-20260101-120000")
