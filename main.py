@@ -178,9 +178,13 @@ def say(*parts):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["predict"]:
+    if argv[:1] != ["predict"]:
+        return run(parse_args(argv))
+    try:
         return predict(argv[1:])
-    return run(parse_args(argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def main(argv=None):
         data_dir = run.get("config", {}).get("data_dir", "./data")
         data_file.ensure_mnist(data_dir)  # the mistakes are drawn from the test images
         names = save_plots(args.run_dir, run, data_dir)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         print(f"error: {os.path.join(args.run_dir, 'metrics.json')}: not the metrics of a finished run "
               f"({type(e).__name__}: {e})", file=sys.stderr)
         return 1
@@ -114,6 +114,9 @@ def main(argv=None):
     except OSError as e:
         print(f"error: cannot write the figures into {args.run_dir}: {e.strerror}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # each figure is written whole or not at all
+        print("interrupted", file=sys.stderr)
+        return 130
     for name in names:
         print(os.path.join(args.run_dir, name))
     return 0

@@ -578,9 +578,10 @@ def test_plots_of_a_missing_or_damaged_run_folder_are_one_line_errors(tmp_path):
     (tmp_path / "metrics.json").write_text('{"config": {"data_dir": "./data"}, "epochs": [{"ste')  # cut off
     r = run_script("plots.py", str(tmp_path))
     assert one_line_error(r) and "metrics.json" in r.stderr
-    (tmp_path / "metrics.json").write_text('{"config": {"data_dir": "%s"}, "epochs": []}' % DATA_DIR)
-    r = run_script("plots.py", str(tmp_path))  # valid JSON, but not a finished run's metrics
-    assert one_line_error(r) and "metrics.json" in r.stderr
+    for text in ('{"config": {"data_dir": "%s"}, "epochs": []}' % DATA_DIR, '{"config": [1]}', '[]'):
+        (tmp_path / "metrics.json").write_text(text)
+        r = run_script("plots.py", str(tmp_path))  # valid JSON, but not a finished run's metrics
+        assert one_line_error(r) and "metrics.json" in r.stderr, text
     assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no figure half-written
 
 
