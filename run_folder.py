@@ -22,9 +22,15 @@ class RunFolderError(Exception):
     """A run folder cannot be written, or a file in one cannot be read; the message names the path."""
 
 
-def default_run_dir(recipe, seed, stamp):
-    """runs/<recipe>-seed<seed>-<stamp>: the recipe and seed say what ran, the time stamp keeps runs apart."""
-    return os.path.join(RUNS, f"{recipe}-seed{seed}-{stamp}")
+def default_run_dir(recipe, seed, stamp, root=RUNS):
+    """<root>/<recipe>-seed<seed>-<stamp>, not yet taken: the recipe and seed say what ran, the time stamp (and a
+    counter, for runs started in the same second) keeps runs apart."""
+    path = base = os.path.join(root, f"{recipe}-seed{seed}-{stamp}")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
 
 
 def atomic_write(path, write):

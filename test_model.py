@@ -547,10 +547,12 @@ def test_run_folder_files_get_the_usual_permissions(tmp_path):
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
-def test_default_run_folders_say_what_ran_and_never_collide():
-    a = run_folder.default_run_dir("net-1epoch", 3, "20260101-120000")
-    assert a == os.path.join("runs", "net-1epoch-seed3-20260101-120000")
-    assert a != run_folder.default_run_dir("net-1epoch", 3, "20260101-120001")
+def test_default_run_folders_say_what_ran_and_never_collide(tmp_path):
+    first = run_folder.default_run_dir("net-1epoch", 3, "20260101-120000", root=str(tmp_path))
+    assert first == str(tmp_path / "net-1epoch-seed3-20260101-120000")
+    run_folder.prepare(first)
+    second = run_folder.default_run_dir("net-1epoch", 3, "20260101-120000", root=str(tmp_path))  # the same second
+    assert second == first + "-2"
 
 
 def png_claiming_size(path, width, height):
