@@ -5,7 +5,7 @@
                     average pooling and dropout, on the central 22x22 pixels
     ressenet-small  the same built from depthwise-separable convolutions, widths 16-24-32, whole image: 7,864
     ressenet-tiny   the same with widths 16-20-24: 5,533 parameters
-    ressenet-wide   `ressenet` with widths 16-16-16 on the whole 28x28 image: 14,658 parameters, for one epoch
+    ressenet-wide   `ressenet` with widths 16-16-16 on the central 24x24: 14,658 parameters, for one epoch
 
 Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size. What each
 reaches, and with which recipe: README.md; how each was chosen: docs/experiments.md.
@@ -147,7 +147,7 @@ MODELS = {
     "ressenet": ResSENet,
     "ressenet-small": functools.partial(ResSENet, widths=(16, 24, 32), stem_pool_first=False, crop=28, separable=True),
     "ressenet-tiny": functools.partial(ResSENet, widths=(16, 20, 24), stem_pool_first=False, crop=28, separable=True),
-    "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=28),
+    "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=24),
 }
 
 
