@@ -65,6 +65,8 @@ RECIPES = {
 RECIPES["ressenet-wide-1epoch"] = dict(model="ressenet-wide", epochs=1, batch_size=24, max_lr=0.0075,
                                        pct_start=0.2, div_factor=10.0, final_div_factor=100.0, weight_decay=5e-4,
                                        clip_grad=0.0, label_smoothing=0.1, dropout=0.1)
+# Single-view >= 99.4% in under a minute: 12 epochs (chosen on validation over 8 and 10), then all 60,000 images.
+RECIPES["ressenet-12epoch"] = dict(RECIPES["ressenet-8epoch"], epochs=12, val_size=0)
 RECIPES["ressenet-small-15epoch"] = dict(RECIPES["ressenet-8epoch"], model="ressenet-small", epochs=15,
                                          batch_size=128, max_lr=0.01)
 RECIPES["ressenet-tiny-15epoch"] = dict(RECIPES["ressenet-small-15epoch"], model="ressenet-tiny")
