@@ -119,12 +119,13 @@ def benchmark_recipes(args, train, variants, recipe_variant, epoch_images=50_000
     for r in range(args.rounds):
         for v, (config, kwargs) in variants.items():
             times[v].append(time_recipe(config, kwargs, train, args.images))
-            print(f"round {r + 1} {v:<18} {1e6 * times[v][-1]:6.1f} us/image", flush=True)
+            print(f"round {r + 1} {v:<22} {1e6 * times[v][-1]:6.1f} us/image", flush=True)
     first, recipe = statistics.median(next(iter(times.values()))), statistics.median(times[recipe_variant])
-    print(f"\n{'variant':<18} {'us/image':>8} {'s/epoch':>8} {'time':>6} {'vs recipe':>9}")
+    w = max(18, *map(len, variants))
+    print(f"\n{'variant':<{w}} {'us/image':>8} {'s/epoch':>8} {'time':>6} {'vs recipe':>9}")
     for v in variants:
         t = statistics.median(times[v])
-        print(f"{v:<18} {1e6 * t:8.1f} {epoch_images * t:8.1f} {t / first:5.2f}x {t / recipe:8.2f}x")
+        print(f"{v:<{w}} {1e6 * t:8.1f} {epoch_images * t:8.1f} {t / first:5.2f}x {t / recipe:8.2f}x")
 
 
 def positive_int(s):
