@@ -46,7 +46,8 @@ def build_parser(recipe):
     p = argparse.ArgumentParser(description="Train a tiny CNN on MNIST.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=RECIPE_NAMES, default="net-1epoch",
-                   help="named set of defaults for the flags below (seed1 and seed2: old names of the first two)")
+                   help="named set of defaults for the flags below (seed1, seed2: old names of net-1epoch, "
+                        "ressenet-8epoch)")
     p.add_argument("--model", choices=sorted(MODELS), help="network to train")
     p.add_argument("--dropout", type=fraction_or_zero, help="dropout probability of the network")
     p.add_argument("--epochs", type=positive_int, help="number of epochs")
