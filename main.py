@@ -1,9 +1,12 @@
-"""Train a tiny CNN on MNIST and score it once on the held-out test set; or classify your own digit images.
+"""Train a tiny CNN on MNIST and score it once on the held-out test set; then use what was trained.
 
     python main.py                              # recipe net-1epoch: the 13,242-parameter Net, one epoch at batch 10
     python main.py --recipe ressenet-8epoch --seed 2
     python main.py --dry-run                    # a few steps end to end
+    python main.py --resume RUN_DIR             # go on with an interrupted multi-epoch run
     python main.py predict digit.png            # with the newest runs/*/model.pt
+    python main.py evaluate [RUN_DIR]           # score a checkpoint again: test set or validation split
+    python main.py report                       # the results table of every run under runs/
 
 A recipe is a named set of defaults (model_train.RECIPES); every value in it can be overridden by its flag
 (`python main.py --recipe ressenet-8epoch --help` shows that recipe's values as the defaults). Each run writes
@@ -12,14 +15,38 @@ curves.png, confusion.png and mistakes.png.
 """
 import argparse
 import dataclasses
+import glob
 import os
+import signal
 import sys
 import time
 
 import data_file
 import model_train
+import report
 import run_folder
-from model import MODELS
+from model import MODELS, count_parameters
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none to show (None, an on/off switch)."""
+
+    def _get_help_string(self, action):
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)  # --exact, --no-accel
+        if action.default is None or switch or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class HelpFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """DefaultsFormatter, with the command list in the epilog kept as written."""
+
+
+def command_parser(name, details=""):
+    """The parser of `python main.py NAME`, described by its line in COMMANDS."""
+    line = COMMANDS[name][1]
+    return argparse.ArgumentParser(prog=f"main.py {name}", description=f"{line[0].upper()}{line[1:]}. {details}",
+                                   formatter_class=DefaultsFormatter)
 
 
 def check(kind, test, message):
@@ -42,10 +69,17 @@ fraction_or_zero = check(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 RECIPE_NAMES = sorted(model_train.RECIPES) + sorted(model_train.ALIASES)
 
 
-def build_parser(recipe):
-    p = argparse.ArgumentParser(description="Train a tiny CNN on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", choices=RECIPE_NAMES, default="net-1epoch",
+def build_parser(recipe, defaults=True):
+    """The training flags, with `recipe`'s values as defaults; defaults=False leaves out every flag not given
+    (to see which flags a command line gives)."""
+    commands = "\n".join(f"  {name:<9} {line}" for name, (_, line) in COMMANDS.items())
+    p = argparse.ArgumentParser(
+        description="Train a tiny CNN on MNIST.", formatter_class=HelpFormatter,
+        usage="%(prog)s [flags]          train (the default)\n       %(prog)s COMMAND [flags]  "
+              f"one of {', '.join(COMMANDS)}",
+        epilog=f"commands:\n{commands}\n\n`python main.py COMMAND --help` shows a command's flags.",
+        argument_default=None if defaults else argparse.SUPPRESS)
+    p.add_argument("--recipe", choices=RECIPE_NAMES, default="net-1epoch" if defaults else argparse.SUPPRESS,
                    help="named set of defaults for the flags below (seed1, seed2: old names of net-1epoch, "
                         "ressenet-8epoch)")
     p.add_argument("--model", choices=sorted(MODELS), help="network to train")
@@ -77,7 +111,12 @@ def build_parser(recipe):
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--exact", action="store_true",
                    help="torch's default kernels (default Adam, oneDNN) instead of the faster fused Adam")
-    p.add_argument("--no-accel", action="store_true", help="train on the CPU even if an accelerator is present")
+    p.add_argument("--device", choices=model_train.DEVICES,
+                   help="where to train: auto is torch's current accelerator, else the CPU")
+    p.add_argument("--no-accel", dest="device", action="store_const", const="cpu", help="the same as --device cpu")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="go on with an interrupted multi-epoch run from its last finished epoch, with its stored "
+                        "config (no other training flags)")
     p.add_argument("--dry-run", action="store_true",
                    help="one epoch of five batches and small evaluations, to check the pipeline; writes nothing "
                         "unless --out-dir is given")
@@ -86,8 +125,12 @@ def build_parser(recipe):
     p.add_argument("--no-save-model", action="store_true", help="write no checkpoint model.pt")
     p.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)  # the old flag: now the default
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(**dataclasses.asdict(model_train.recipe_config(recipe)))
+    if defaults:
+        p.set_defaults(**dataclasses.asdict(model_train.recipe_config(recipe)))
     return p
+
+
+RESUME_KEEPS = {"resume", "no_progress", "no_save_model"}  # the flags --resume may come with: none changes the config
 
 
 def parse_args(argv=None):
@@ -97,6 +140,12 @@ def parse_args(argv=None):
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(known.recipe)
     args = parser.parse_args(argv)
+    if args.resume is not None:
+        given = set(vars(build_parser(known.recipe, defaults=False).parse_args(argv))) - RESUME_KEEPS
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
+            parser.error(f"argument --resume: a resumed run keeps the config it started with; drop {flags}")
+        return args
     args.recipe = model_train.ALIASES.get(args.recipe, args.recipe)
     if args.val_size >= data_file.TRAIN_SIZE:
         parser.error(f"argument --val-size: must leave training images, got {args.val_size}")
@@ -110,49 +159,96 @@ def config_from(args):
     return model_train.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(model_train.Config)})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: whatever can be resumed is kept."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run(args):
-    """Train, then write the run folder; returns the exit status."""
-    config = config_from(args)
-    out_dir = args.out_dir or run_folder.default_run_dir(args.recipe, args.seed, time.strftime("%Y%m%d-%H%M%S"))
-    write = not args.dry_run or args.out_dir  # a dry run writes only where it is told to
+    """Train (or go on with an interrupted run), then write the run folder; returns the exit status."""
+    resume = None
+    try:
+        if args.resume is not None:
+            resume = run_folder.load_resume(args.resume)
+            config = model_train.config_from_dict(resume["config"])
+            out_dir = args.resume
+        else:
+            config = config_from(args)
+            out_dir = args.out_dir or run_folder.default_run_dir(args.recipe, args.seed,
+                                                                 time.strftime("%Y%m%d-%H%M%S"))
+        model_train.pick_device(config.device)  # an unavailable device is refused before anything is written
+    except (run_folder.RunFolderError, model_train.DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, model_train.DeviceError) else 1
+    write = not config.dry_run or args.out_dir or resume  # a dry run writes only where it is told to
+    stored = dataclasses.asdict(config)
+    resumable = [len(resume["state"]["history"])] if resume else []  # the epoch resume.pt holds, once written
+
+    def on_epoch(state):
+        run_folder.save_resume(out_dir, stored, config.model, state)
+        resumable[:] = [len(state["history"])]
+
     created = []
     try:
-        if write:
+        if write and resume is None:
             created = run_folder.prepare(out_dir)  # before training: a run that cannot be saved is not started
-        model, metrics = model_train.train(config, log=say, progress=not args.no_progress)
+        model, metrics = model_train.train(config, log=say, progress=not args.no_progress,
+                                           on_epoch=on_epoch if write else None,
+                                           resume=resume and resume["state"])
         if write:
             # Imported only now, once training has let go of its working memory: matplotlib adds ~50 MB.
             import plots
-            paths = run_folder.save(out_dir, dataclasses.asdict(config), model, metrics,
-                                    save_model=not args.no_save_model)
-            figures = plots.save_plots(out_dir, metrics, config.data_dir)
+            paths = run_folder.save(out_dir, stored, model, metrics, save_model=not args.no_save_model)
+            figures = plots.save_plots(out_dir, metrics, config.data_dir, written=paths)
+            run_folder.remove_resume(out_dir)
             say(f"wrote {', '.join(paths)} and {', '.join(figures)}")
             created = []
     except (data_file.DataError, model_train.NonFiniteLoss, run_folder.RunFolderError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        resumes = not isinstance(e, (data_file.DataError, model_train.NonFiniteLoss))  # these would fail again
+        hint = resume_hint(out_dir, resumable, config) if resumes else ""
+        print(f"error: {e}{'; ' + hint if hint else ''}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if resumable:
+            print(f"interrupted: {resume_hint(out_dir, resumable, config)}", file=sys.stderr)
+        else:
+            print("interrupted: nothing was saved", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         run_folder.remove_empty(created)  # the folder made for a run that saved nothing
     return 0
 
 
+def resume_hint(out_dir, resumable, config):
+    """How to go on with a run stopped after `resumable` epochs (resume.pt written), or ""."""
+    if not resumable:
+        return ""
+    return (f"{out_dir} keeps the run after epoch {resumable[0]} of {config.epochs}; go on with "
+            f"`python main.py --resume {out_dir}`")
+
+
+def load_named_checkpoint(path, model_name=None):
+    """(model, checkpoint) of a run folder or model.pt, or of the newest run's when `path` is None."""
+    path = run_folder.checkpoint_in(path) if path else run_folder.newest_checkpoint()
+    if path is None:
+        raise run_folder.RunFolderError(f"no checkpoint in {run_folder.RUNS}/: train one first with "
+                                        f"`python main.py`, or name one")
+    return (path, *run_folder.load_checkpoint(path, model_name))
+
+
 def predict(argv):
     """`python main.py predict IMAGE... [--checkpoint PATH]`: the digit and top-3 probabilities per image."""
-    p = argparse.ArgumentParser(prog="main.py predict", description="Classify digits in image files.")
+    p = command_parser("predict", "Each image is prepared the way MNIST's digits were (data_file.digit_from_image).")
     p.add_argument("images", nargs="+", help="PNG/JPEG files, one digit each, any size, either polarity")
-    p.add_argument("--checkpoint", help=f"a model.pt written by main.py (default: the newest {run_folder.RUNS}/*/model.pt)")
+    p.add_argument("--checkpoint", help=f"a model.pt or run folder written by main.py "
+                                        f"(default: the newest {run_folder.RUNS}/*/model.pt)")
     p.add_argument("--model", choices=sorted(MODELS), help="refuse a checkpoint of any other network")
     args = p.parse_args(argv)
-    path = args.checkpoint or run_folder.newest_checkpoint()
-    if path is None:
-        print(f"error: no checkpoint in {run_folder.RUNS}/: train one first with `python main.py`, or name one "
-              f"with --checkpoint", file=sys.stderr)
-        return 1
     try:
-        model, checkpoint = run_folder.load_checkpoint(path, args.model)
+        _, model, checkpoint = load_named_checkpoint(args.checkpoint, args.model)
     except run_folder.RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -172,20 +268,87 @@ def predict(argv):
     return 1 if failed else 0
 
 
+def evaluate(argv):
+    """`python main.py evaluate [RUN_DIR | CHECKPOINT]`: accuracy, loss and per-class accuracy, as the run scored."""
+    p = command_parser("evaluate", "Single-view and, when the run used it, with TTA; the same batches, kernels "
+                                   "and memory layout as its training, so the figures equal what the run recorded.")
+    p.add_argument("run", nargs="?", metavar="RUN_DIR | CHECKPOINT",
+                   help=f"a run folder or its model.pt (default: the newest {run_folder.RUNS}/*/model.pt)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the test set, or the validation split the run held out (rebuilt from its seed and size)")
+    p.add_argument("--device", choices=model_train.DEVICES, default="auto",
+                   help="where to score: auto is torch's current accelerator, else the CPU")
+    p.add_argument("--data-dir", help="where MNIST is kept (default: the run's own)")
+    args = p.parse_args(argv)
+    try:
+        path, model, checkpoint = load_named_checkpoint(args.run)
+        config = model_train.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
+        config = dataclasses.replace(config, device=args.device, data_dir=args.data_dir or config.data_dir)
+        result = model_train.evaluate_split(model, config, args.split, log=say)
+    except (run_folder.RunFolderError, data_file.DataError, model_train.DeviceError,
+            model_train.NoValidationSplit) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    recorded = checkpoint.get("metrics") or {}
+    say(f"{path}: {checkpoint['model_name']} ({count_parameters(model):,} parameters), recipe "
+        f"{config.recipe}, seed {config.seed}{', a dry run' if config.dry_run else ''}")
+    name = {"test": "test set", "val": "validation split"}[args.split]
+    views = ["", "_tta"] if config.tta else [""]
+    say(f"{name}, {result['images']:,} images: " + ", ".join(
+        f"accuracy {result['acc' + v]:.2f}% loss {result['loss' + v]:.4f} "
+        f"{'with TTA' if v else 'single-view'}" for v in views))
+    per_class = model_train.per_class_accuracy(result["confusion"])
+    say(f"per-class accuracy{' with TTA' if config.tta else ''}: " +
+        "  ".join(f"{d} {a:.2f}%" for d, a in enumerate(per_class)))
+    if args.split == "test" and "test_acc" in recorded:
+        say("the run recorded: " + ", ".join(f"{recorded['test_acc' + v]:.2f}% {'with TTA' if v else 'single-view'}"
+                                             for v in views if "test_acc" + v in recorded))
+    return 0
+
+
+def report_command(argv):
+    """`python main.py report [RUN_DIR ...] [--csv]`: report.py's table of the run folders."""
+    p = command_parser("report", "One row per config (recipe, network, epochs and every other value but the "
+                                 "seed) measured on one device with one torch version. Dry runs and unfinished runs "
+                                 "are left out and counted on stderr.")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                   help=f"run folders (default: every folder under {run_folder.RUNS}/)")
+    p.add_argument("--csv", action="store_true", help="CSV instead of a Markdown table")
+    args = p.parse_args(argv)
+    folders = args.runs or sorted(glob.glob(os.path.join(run_folder.RUNS, "*", "")))
+    try:
+        rows, left_out = report.collect(folders)
+    except run_folder.RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.to_csv(rows) if args.csv else report.to_markdown(rows), end="")
+    if left_out:
+        print("left out: " + ", ".join(f"{what}: {n}" for what, n in left_out.items()), file=sys.stderr)
+    return 0
+
+
 def say(*parts):
     """print, flushed: each line shows up at once even when stdout is a pipe (`python main.py | tee log`)."""
     print(*parts, flush=True)
 
 
+COMMANDS = {
+    "predict": (predict, "classify digits in image files with a trained network"),
+    "evaluate": (evaluate, "score a run's checkpoint on the test set or the validation split it held out"),
+    "report": (report_command, "the results table of run folders: mean ± std over seeds"),
+}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["predict"]:
-        return run(parse_args(argv))
+    signal.signal(signal.SIGTERM, on_sigterm)  # a kill (or a batch system's stop) is handled as Ctrl-C is
     try:
-        return predict(argv[1:])
-    except KeyboardInterrupt:
+        if argv[:1] and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]][0](argv[1:])
+        return run(parse_args(argv))
+    except KeyboardInterrupt as e:  # run() says what it kept; the commands write nothing
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

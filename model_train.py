@@ -2,7 +2,9 @@
 
 `train(Config(...))` seeds everything, builds the network and the optimizer with OneCycleLR, trains epoch by
 epoch, scores validation after each epoch and the test set once at the end, and returns (model, metrics). It
-prints through a `log` callback and writes nothing: the run folder is run_folder.py's job.
+prints through a `log` callback and writes nothing: the run folder is run_folder.py's job. After each epoch of
+a multi-epoch run it hands `on_epoch` everything a resumed run needs (`resume=`), which then ends bit for bit
+where the uninterrupted run would have. `evaluate_split` scores a trained network again, as training scored it.
 """
 import copy
 import dataclasses
@@ -44,7 +46,7 @@ class Config:
     keep_best: bool = False        # keep the epoch with the best validation accuracy, not the last
     seed: int = 1
     exact: bool = False            # torch's default kernels instead of fused Adam and the CPU kernel choice
-    no_accel: bool = False         # the CPU even when an accelerator is present
+    device: str = "auto"           # auto (torch's current accelerator, else the CPU), cpu, cuda, mps or xpu
     dry_run: bool = False          # one epoch of five batches and one evaluation batch per split
     data_dir: str = "./data"
 
@@ -91,14 +93,42 @@ def recipe_config(name, **overrides):
     return Config(**{"recipe": name, **RECIPES[name], **overrides})
 
 
+def config_from_dict(stored):
+    """The Config stored in a run folder or checkpoint (dataclasses.asdict of one). Older runs stored
+    no_accel=True/False where the Config now has device="cpu"/"auto"; keys it does not know are ignored."""
+    stored = dict(stored)
+    if "device" not in stored and "no_accel" in stored:
+        stored["device"] = "cpu" if stored["no_accel"] else "auto"
+    return Config(**{f.name: stored[f.name] for f in dataclasses.fields(Config) if f.name in stored})
+
+
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the message names the step and learning rate."""
 
 
-def pick_device(no_accel):
-    if not no_accel and torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator()
-    return torch.device("cpu")
+DEVICES = ("auto", "cpu", "cuda", "mps", "xpu")
+
+
+class DeviceError(Exception):
+    """The device asked for is not on this machine; the message names the ones that are."""
+
+
+def available_devices():
+    """The device types this machine can train on: the CPU, and torch's current accelerator if there is one."""
+    found = ["cpu"]
+    if torch.accelerator.is_available():
+        found.append(torch.accelerator.current_accelerator().type)
+    return found
+
+
+def pick_device(name="auto"):
+    """torch.device for a Config.device: auto is torch's current accelerator, else the CPU."""
+    available = available_devices()
+    if name == "auto":
+        return torch.device(available[-1])
+    if name not in available:
+        raise DeviceError(f"device {name!r} is not available here (available: {', '.join(available)})")
+    return torch.device(name)
 
 
 def small_ops(config):
@@ -142,11 +172,24 @@ def make_optimizer(model, config, total_steps, fused):
 
 def build_for(config, device, **model_kwargs):
     """The config's network on `device`, in the memory layout its training runs fastest in."""
-    model = build_model(config.model, dropout=config.dropout, **model_kwargs).to(device)
+    return place(build_model(config.model, dropout=config.dropout, **model_kwargs), config, device)
+
+
+def place(model, config, device):
+    """`model` on `device` in the memory layout `config` trains it in (build_for), e.g. a loaded checkpoint."""
+    model = model.to(device)
     if not config.exact and device.type == "cpu" and not small_ops(config):
         # oneDNN skips a layout reorder around every convolution: ~10% faster at batch 128 on 2 cores.
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def setup_device(config):
+    """The config's device, with the CPU kernel choice its training makes (use_fast_cpu_kernels)."""
+    device = pick_device(config.device)
+    if device.type == "cpu":
+        use_fast_cpu_kernels(config)
+    return device
 
 
 def augmentation(config, generator):
@@ -157,18 +200,19 @@ def augmentation(config, generator):
                              max_degrees=config.rotate)
 
 
-def train(config, log=print, data=None, progress=True, model_kwargs=None):
+def train(config, log=print, data=None, progress=True, model_kwargs=None, on_epoch=None, resume=None):
     """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
 
     `data` is what data_file.load_mnist returns, for callers that train many times on the same split;
     `model_kwargs` go to the network's constructor (a variant of a named network, for experiments).
     With config.tta, validation and test are scored both single-view and with test-time augmentation.
+    `on_epoch(state)` is called after every epoch of a multi-epoch run with the state to resume from: the
+    weights, optimizer, scheduler, both random generators, the epoch rows so far and the kept best epoch.
+    `resume` is such a state: training goes on after its last epoch, the random draws where they stopped.
     """
     torch.manual_seed(config.seed)  # before anything random: model init, dropout, data order
-    device = pick_device(config.no_accel)
+    device = setup_device(config)
     fast = not config.exact
-    if device.type == "cpu":
-        use_fast_cpu_kernels(config)
     if data is None:
         data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed,
                                     device=device, log=log)
@@ -191,9 +235,14 @@ def train(config, log=print, data=None, progress=True, model_kwargs=None):
 
     # The validation figure that picks the kept epoch: with TTA, the TTA one, since that is how the run is scored.
     val_key = "val_acc_tta" if config.tta else "val_acc"
-    history, best = [], None
+    history, best = [], None  # best: {"val", "epoch", "model"} of the epoch keep_best keeps
+    if resume is not None:
+        history, best = restore(resume, model, optimizer, scheduler, generator, device)
+        log(f"resumed after epoch {len(history)} of {epochs}")
     log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'lr':>9} {'seconds':>8}")
-    for epoch in range(1, epochs + 1):
+    for row in history:  # a resumed run shows the epochs it already has
+        log_epoch(row, val_key if val else None, log)
+    for epoch in range(len(history) + 1, epochs + 1):
         batches = data_file.batches(x_train, y_train, config.batch_size, generator)
         row = train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch, clip_grad=config.clip_grad,
                               augment=augment, label_smoothing=config.label_smoothing, desc=f"epoch {epoch}",
@@ -202,16 +251,16 @@ def train(config, log=print, data=None, progress=True, model_kwargs=None):
         if val:
             row.update(score(model, *val, eval_batch, config.tta, "val_"))
             # Only the validation set may pick the epoch that is kept; the test set never steers anything.
-            if config.keep_best and (best is None or row[val_key] > best[0]):
-                best = (row[val_key], epoch, copy.deepcopy(model.state_dict()))
+            if config.keep_best and (best is None or row[val_key] > best["val"]):
+                best = {"val": row[val_key], "epoch": epoch, "model": copy.deepcopy(model.state_dict())}
         history.append(row)
-        val_text = f"{row[val_key]:7.2f}%" if val else f"{'-':>8}"
-        log(f"{epoch:5d} {row['loss']:10.4f} {row['train_acc']:8.2f}% {val_text} {row['lr']:9.2e} "
-            f"{row['seconds']:8.1f}")
+        log_epoch(row, val_key if val else None, log)
+        if on_epoch is not None and epochs > 1:
+            on_epoch(resumable_state(model, optimizer, scheduler, generator, device, history, best))
     kept_epoch = epochs
     if best is not None:
-        kept_epoch = best[1]
-        model.load_state_dict(best[2])
+        kept_epoch = best["epoch"]
+        model.load_state_dict(best["model"])
     test = score(model, x_test, y_test, eval_batch, config.tta, "test_", details=True)
     metrics = {
         "recipe": config.recipe, "model": config.model, "parameters": params, "seed": config.seed,
@@ -228,6 +277,34 @@ def train(config, log=print, data=None, progress=True, model_kwargs=None):
     return model, metrics
 
 
+def log_epoch(row, val_key, log):
+    """One row of the epoch table; val_key None when the run holds out no validation split."""
+    val_text = f"{row[val_key]:7.2f}%" if val_key else f"{'-':>8}"
+    log(f"{row['epoch']:5d} {row['loss']:10.4f} {row['train_acc']:8.2f}% {val_text} {row['lr']:9.2e} "
+        f"{row['seconds']:8.1f}")
+
+
+def resumable_state(model, optimizer, scheduler, generator, device, history, best):
+    """Everything train() needs to go on after the last epoch in `history`, as plain tensors and containers
+    (loadable with weights_only=True). The global generator draws dropout (on the device, off the CPU)."""
+    rng = torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device.type).get_rng_state()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "rng": rng, "history": history, "best": best}
+
+
+def restore(state, model, optimizer, scheduler, generator, device):
+    """Put a resumable_state back; return (history, best)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    if device.type == "cpu":
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.get_device_module(device.type).set_rng_state(state["rng"])
+    return list(state["history"]), state["best"]
+
+
 def score(model, images, labels, batch_size, tta, prefix, details=False):
     """{prefix+"acc", prefix+"loss"} single-view and, with tta, the same with a "_tta" suffix. With details,
     also the confusion matrix and the most confident mistakes, of the prediction the run is scored on
@@ -239,6 +316,31 @@ def score(model, images, labels, batch_size, tta, prefix, details=False):
         out.update({prefix + "acc" + suffix: result.pop("acc"), prefix + "loss" + suffix: result.pop("loss")})
         out.update(result)  # confusion and mistakes, once
     return out
+
+
+class NoValidationSplit(Exception):
+    """A run that held out no validation split was asked to score one."""
+
+
+def evaluate_split(model, config, split="test", log=print):
+    """Score a trained network again, as its run scored it: the test set or the validation split the run held
+    out (rebuilt from config.seed and config.val_size), with the kernels and memory layout training used,
+    single-view and, when config.tta, with TTA. Returns score()'s figures without a prefix ("acc", "loss",
+    "acc_tta", ...), the confusion matrix of the prediction the run is scored on, and "images"."""
+    if split == "val" and not config.val_size:
+        raise NoValidationSplit("this run held out no validation split (its val_size is 0); score --split test")
+    device = setup_device(config)
+    data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed, device=device,
+                                log=log)
+    images, labels = data[split]
+    model = place(model, config, device)
+    return {**score(model, images, labels, config.test_batch_size, config.tta, "", details=True),
+            "images": len(labels)}
+
+
+def per_class_accuracy(confusion):
+    """Accuracy in % of each true digit (a row of the confusion matrix): [10 floats]."""
+    return [100 * row[d] / sum(row) if sum(row) else float("nan") for d, row in enumerate(confusion)]
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_grad=1.0, augment=None,

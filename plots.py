@@ -84,14 +84,17 @@ def plot_mistakes(metrics, test_images):
     return fig
 
 
-def save_plots(run_dir, metrics, data_dir):
-    """Draw the three figures into run_dir, each written atomically; return their file names."""
+def save_plots(run_dir, metrics, data_dir, written=()):
+    """Draw the three figures into run_dir, each written atomically; return their file names. `written`: the
+    run folder's files already written, named if a figure cannot be (run_folder.write_files)."""
     test_images = MNIST(data_dir, train=False).data
     figures = {"curves.png": plot_curves(metrics), "confusion.png": plot_confusion(metrics),
                "mistakes.png": plot_mistakes(metrics, test_images)}
-    for name, fig in figures.items():
-        run_folder.atomic_write(os.path.join(run_dir, name), lambda f: fig.savefig(f, format="png", dpi=110))
-        plt.close(fig)
+    try:
+        run_folder.write_files(run_dir, [(name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))
+                                         for name, fig in figures.items()], written)
+    finally:
+        plt.close("all")
     return list(figures)
 
 

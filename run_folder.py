@@ -1,8 +1,9 @@
-"""A run folder: metrics.json (the config and every figure) and model.pt (the checkpoint), written atomically.
+"""A run folder: metrics.json (the config and every figure) and model.pt (the checkpoint), written atomically;
+while a multi-epoch run trains, also resume.pt, the state to resume it from after an interruption.
 
-The checkpoint is {"model": state_dict, "model_name", "config", "metrics"}; it is always read back with
-torch.load(..., weights_only=True), so nothing in a file is ever run. Every failure a user can cause (a folder
-that cannot be written, a missing or damaged file) raises RunFolderError with a one-line message.
+The checkpoint is {"model": state_dict, "model_name", "config", "metrics"}; it and resume.pt are always read
+back with torch.load(..., weights_only=True), so nothing in a file is ever run. Every failure a user can cause
+(a folder that cannot be written, a missing or damaged file) raises RunFolderError with a one-line message.
 """
 import glob
 import json
@@ -14,6 +15,7 @@ import torch
 from model import MODELS, build_model
 
 RUNS = "runs"  # where main.py puts its run folders
+METRICS, CHECKPOINT, RESUME = "metrics.json", "model.pt", "resume.pt"
 UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
 os.umask(UMASK)
 
@@ -76,22 +78,68 @@ def remove_empty(folders):
             return
 
 
+def write_files(out_dir, files, written=()):
+    """Write each (name, write(file_object)) of `files` into `out_dir` atomically; return the paths written.
+
+    A failure raises RunFolderError naming the file that failed and the files already written (`written`:
+    the ones written before this call, for the message)."""
+    written = list(written)
+    for name, write in files:
+        path = os.path.join(out_dir, name)
+        try:
+            atomic_write(path, write)
+        except OSError as e:
+            done = f"already written: {', '.join(written)}" if written else "nothing was written"
+            raise RunFolderError(f"cannot write {path}: {e.strerror or e} ({done})") from None
+        written.append(path)
+    return written
+
+
 def save(out_dir, config, model, metrics, save_model=True):
     """Write metrics.json and, with save_model, model.pt into `out_dir`; return the paths written."""
     text = json.dumps({"config": config, **metrics}, indent=2).encode()
-    paths = [os.path.join(out_dir, "metrics.json")]
-    atomic_write(paths[0], lambda f: f.write(text))
+    files = [(METRICS, lambda f: f.write(text))]
     if save_model:
         checkpoint = {"model": model.state_dict(), "model_name": metrics["model"], "config": config,
                       "metrics": metrics}
-        paths.append(os.path.join(out_dir, "model.pt"))
-        atomic_write(paths[1], lambda f: torch.save(checkpoint, f))
-    return paths
+        files.append((CHECKPOINT, lambda f: torch.save(checkpoint, f)))
+    return write_files(out_dir, files)
+
+
+def save_resume(out_dir, config, model_name, state):
+    """Write resume.pt: the config and model_train.train's resumable state after the epoch just finished."""
+    resume = {"config": config, "model_name": model_name, "state": state}
+    write_files(out_dir, [(RESUME, lambda f: torch.save(resume, f))])
+
+
+def remove_resume(out_dir):
+    """A finished run keeps only its results: drop resume.pt."""
+    try:
+        os.remove(os.path.join(out_dir, RESUME))
+    except FileNotFoundError:
+        pass
+
+
+def load_resume(run_dir):
+    """The {"config", "model_name", "state"} in <run_dir>/resume.pt, to go on with an interrupted run."""
+    path = os.path.join(run_dir, RESUME)
+    if not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir}: no such run folder")
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(run_dir, METRICS)):
+            raise RunFolderError(f"{run_dir}: this run is finished (it has {METRICS}); nothing to resume")
+        raise RunFolderError(f"{run_dir}: no {RESUME} (only a multi-epoch run interrupted after its first epoch "
+                             f"can be resumed)")
+    resume = load_file(path)
+    if not isinstance(resume, dict) or not isinstance(resume.get("config"), dict) \
+            or not isinstance(resume.get("state"), dict) or resume.get("model_name") not in MODELS:
+        raise RunFolderError(f"{path}: not a resumable state written by main.py")
+    return resume
 
 
 def read_metrics(run_dir):
     """The dict in <run_dir>/metrics.json."""
-    path = os.path.join(run_dir, "metrics.json")
+    path = os.path.join(run_dir, METRICS)
     if not os.path.isdir(run_dir):
         raise RunFolderError(f"{run_dir}: no such run folder")
     try:
@@ -110,17 +158,19 @@ def read_metrics(run_dir):
 
 def newest_checkpoint(root=RUNS):
     """The most recently written <root>/*/model.pt, or None."""
-    found = glob.glob(os.path.join(root, "*", "model.pt"))
+    found = glob.glob(os.path.join(root, "*", CHECKPOINT))
     return max(found, key=os.path.getmtime) if found else None
 
 
-def load_checkpoint(path, model_name=None):
-    """Load a checkpoint written by save(); return (model in eval mode, checkpoint dict).
+def checkpoint_in(path):
+    """A checkpoint named by a run folder (its model.pt) or by its own path."""
+    return os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
 
-    With `model_name`, a checkpoint of another network is refused, naming both.
-    """
+
+def load_file(path):
+    """torch.load(path, weights_only=True), its failures as RunFolderError."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RunFolderError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
@@ -128,6 +178,14 @@ def load_checkpoint(path, model_name=None):
     except Exception as e:  # torch.load raises many kinds for a file that is not a plain checkpoint
         reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise RunFolderError(f"{path}: not a readable checkpoint ({reason})") from None
+
+
+def load_checkpoint(path, model_name=None):
+    """Load a checkpoint written by save(); return (model in eval mode, checkpoint dict).
+
+    With `model_name`, a checkpoint of another network is refused, naming both.
+    """
+    checkpoint = load_file(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) \
             or checkpoint.get("model_name") not in MODELS:
         raise RunFolderError(f"{path}: not a checkpoint of this project (no known model_name and state_dict)")

@@ -250,7 +250,7 @@ def test_same_seed_gives_identical_metrics_and_weights():
 
 @pytest.mark.parametrize("recipe", sorted(model_train.RECIPES))
 def test_every_recipe_dry_runs(recipe):
-    _, model, metrics = train_recipe(recipe, dry_run=True, no_accel=True)
+    _, model, metrics = train_recipe(recipe, dry_run=True, device="cpu")
     assert metrics["epochs"][0]["steps"] == 5 and np.isfinite(metrics["epochs"][0]["loss"])
 
 

@@ -1,0 +1,140 @@
+"""The results table of a set of run folders: one row per config, mean ± sample std over its seeds.
+
+    python main.py report                      # every folder under runs/, as Markdown
+    python main.py report runs/a runs/b --csv
+
+A row is one config (every value in it but the seed and where the data is kept) measured on one device with
+one torch version: runs that differ in anything else are never averaged together. A row's recipe column names
+the recipe and the flags that moved the config off it, so each row says how to make it again. Dry runs, and
+runs that did not finish (no metrics.json, or one without a test figure), are left out and counted.
+"""
+import csv
+import dataclasses
+import io
+import os
+import statistics
+
+import model_train
+import run_folder
+
+IGNORED = ("seed", "data_dir")  # what a row averages over, and what changes no figure
+
+
+@dataclasses.dataclass
+class Row:
+    recipe: str        # the recipe and the flags that change its config, e.g. "net-1epoch --batch-size 50"
+    model: str
+    parameters: int
+    epochs: int
+    seeds: list
+    test_acc: list     # single-view, one per seed, in the order of `seeds`
+    test_acc_tta: list  # empty when the config scored no TTA
+    train_seconds: list
+    device: str
+    torch: str
+
+
+def collect(folders):
+    """(rows, left_out) for run folders: rows in the order their configs first appear (seeds sorted within a
+    row), and left_out {"dry runs": n, "unfinished runs": n, ...} for those not in any row."""
+    groups, left_out = {}, {}
+    for folder in folders:
+        kind = classify(folder)
+        if kind != "finished":
+            left_out[kind] = left_out.get(kind, 0) + 1
+            continue
+        run = run_folder.read_metrics(folder)
+        config = dataclasses.asdict(model_train.config_from_dict(run["config"]))
+        key = (tuple((k, v) for k, v in sorted(config.items()) if k not in IGNORED),
+               run.get("device"), run.get("torch"))
+        groups.setdefault(key, []).append((config, run))
+    return [make_row(runs) for runs in groups.values()], left_out
+
+
+def classify(folder):
+    """"finished", "dry runs", "unfinished runs" or "folders that are not runs" (for the left-out count)."""
+    if not os.path.isdir(folder):
+        raise run_folder.RunFolderError(f"{folder}: no such run folder")
+    has = {name for name in (run_folder.METRICS, run_folder.RESUME) if os.path.exists(os.path.join(folder, name))}
+    if run_folder.METRICS not in has:
+        return "unfinished runs" if has else "folders that are not runs"
+    run = run_folder.read_metrics(folder)
+    if not isinstance(run.get("config"), dict):
+        return "folders that are not runs"
+    if run["config"].get("dry_run"):
+        return "dry runs"
+    return "finished" if "test_acc" in run and "train_seconds" in run else "unfinished runs"
+
+
+def make_row(runs):
+    runs = sorted(runs, key=lambda r: r[0]["seed"])
+    config, run = runs[0]
+    recipe = config["recipe"]
+    return Row(recipe=" ".join([recipe, *flags_off_recipe(config)]), model=config["model"],
+               parameters=run["parameters"], epochs=config["epochs"], seeds=[c["seed"] for c, _ in runs],
+               test_acc=[r["test_acc"] for _, r in runs],
+               test_acc_tta=[r["test_acc_tta"] for _, r in runs if "test_acc_tta" in r],
+               train_seconds=[r["train_seconds"] for _, r in runs], device=run.get("device", "?"),
+               torch=run.get("torch", "?"))
+
+
+def flags_off_recipe(config):
+    """The command-line flags that turn the recipe's config into this one (seed and data dir aside)."""
+    if config["recipe"] not in model_train.RECIPES:
+        return ["(unknown recipe)"]
+    base = dataclasses.asdict(model_train.recipe_config(config["recipe"]))
+    flags = []
+    for name, value in config.items():
+        if name in IGNORED or value == base[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
+        else:
+            flags.append(f"{flag} {value}")
+    return flags
+
+
+def mean_std(values, digits, unit=""):
+    """"mean ± sample std" (just the mean for one value, "—" for none)."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{unit}"
+
+
+COLUMNS = ("recipe", "network", "parameters", "epochs", "n", "seeds", "test, single-view", "test, with TTA",
+           "training", "device", "torch")
+
+
+def cells(row):
+    return [row.recipe, row.model, f"{row.parameters:,}", str(row.epochs), str(len(row.seeds)),
+            ", ".join(map(str, row.seeds)), mean_std(row.test_acc, 2, "%"), mean_std(row.test_acc_tta, 2, "%"),
+            mean_std(row.train_seconds, 1, " s"), row.device, row.torch]
+
+
+def to_markdown(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|---|"]
+    for row in rows:
+        c = cells(row)
+        c[0] = f"`{c[0]}`"
+        lines.append("| " + " | ".join(c) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows):
+    """One line per row; the figures as numbers (mean and std apart), seeds separated by spaces."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["recipe", "network", "parameters", "epochs", "n", "seeds", "test_acc_mean", "test_acc_std",
+                "test_acc_tta_mean", "test_acc_tta_std", "train_seconds_mean", "train_seconds_std", "device",
+                "torch"])
+    for row in rows:
+        figures = []
+        for values in (row.test_acc, row.test_acc_tta, row.train_seconds):
+            figures += [f"{statistics.mean(values):.4f}" if values else "",
+                        f"{statistics.stdev(values):.4f}" if len(values) > 1 else ""]
+        w.writerow([row.recipe, row.model, row.parameters, row.epochs, len(row.seeds),
+                    " ".join(map(str, row.seeds)), *figures, row.device, row.torch])
+    return out.getvalue()
