@@ -218,8 +218,10 @@ def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def read_gray(path):
-    """An image file as float32 (H, W) in [0, 1]: transparency composited on white, 16-bit scaled down."""
+def read_gray(path, name=None):
+    """An image file (a path, or a binary file object named `name` in messages) as float32 (H, W) in [0, 1]:
+    transparency composited on white, 16-bit scaled down."""
+    path_text = path if name is None else name
     try:
         with Image.open(path) as img:
             img.load()
@@ -231,23 +233,26 @@ def read_gray(path):
                 img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
             return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{path_text}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
+        raise ImageError(f"{path_text}: is a directory, not an image") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{path}: too large to be read safely (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels)") from None
+        raise ImageError(f"{path_text}: too large to be read safely (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels)") \
+            from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
+        raise ImageError(f"{path_text}: not a readable image ({type(e).__name__})") from None
 
 
-def digit_from_image(path):
+def digit_from_image(path, name=None):
     """Prepare a photo or drawing of one digit the way MNIST's digits were made; returns (1, 28, 28).
 
     Greyscale; inverted when the background is light (MNIST is light ink on black); cropped to the ink;
     the longer side scaled to 20 px, keeping the aspect ratio; placed in a 28x28 canvas with its centre of
-    mass at the centre; normalised with the training constants.
+    mass at the centre; normalised with the training constants. `path` may be a binary file object (the
+    server's uploads), called `name` in messages.
     """
-    a = torch.from_numpy(read_gray(path))
+    a = torch.from_numpy(read_gray(path, name))
+    path = path if name is None else name
     border = torch.cat([a[0], a[-1], a[:, 0], a[:, -1]]).median()
     if border > 0.5:
         a, border = 1 - a, 1 - border

@@ -7,6 +7,7 @@
     python main.py predict digit.png            # with the newest runs/*/model.pt
     python main.py evaluate [RUN_DIR]           # score a checkpoint again: test set or validation split
     python main.py report                       # the results table of every run under runs/
+    python main.py serve                        # draw digits in the browser at http://127.0.0.1:8000/
 
 A recipe is a named set of defaults (model_train.RECIPES); every value in it can be overridden by its flag
 (`python main.py --recipe ressenet-8epoch --help` shows that recipe's values as the defaults). Each run writes
@@ -252,7 +253,7 @@ def predict(argv):
     except run_folder.RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    tta = bool(checkpoint["config"].get("tta")) if isinstance(checkpoint.get("config"), dict) else False
+    tta = model_train.checkpoint_tta(checkpoint)
     failed = 0
     for image in args.images:
         try:
@@ -261,7 +262,7 @@ def predict(argv):
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        probs = model_train.predict_log_probs(model, x[None], tta).exp()[0]  # scored as training scored it
+        probs = model_train.digit_probabilities(model, x, tta)  # scored as training scored it
         top = probs.topk(3)
         ranked = ", ".join(f"{d} {100 * p:.1f}%" for p, d in zip(top.values.tolist(), top.indices.tolist()))
         print(f"{image}: {top.indices[0].item()}  ({ranked})")
@@ -327,6 +328,39 @@ def report_command(argv):
     return 0
 
 
+def serve_command(argv):
+    """`python main.py serve [--checkpoint PATH] [--host H] [--port P]`: the drawing page and POST /predict."""
+    p = command_parser("serve", "The page posts the canvas after every stroke and shows the predicted digit, "
+                                "each class's probability and the 28x28 image the network saw; answers come from "
+                                "exactly predict's path. Ctrl-C stops it.")
+    p.add_argument("--checkpoint", help=f"a model.pt or run folder (default: the newest {run_folder.RUNS}/*/model.pt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=check(int, lambda v: 0 <= v < 65536, "a port number, 0 to 65535"), default=8000,
+                   help="port to listen on (0: any free one)")
+    args = p.parse_args(argv)
+    import serve  # its http.server is needed by this command alone
+    try:
+        path, model, checkpoint = load_named_checkpoint(args.checkpoint)
+        server = serve.make_server(serve.Predictor(model, checkpoint), args.host, args.port)
+    except run_folder.RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    say(f"{path}: {checkpoint['model_name']}, recipe {checkpoint.get('config', {}).get('recipe', '?')}"
+        f"{', predicting with TTA' if server.predictor.tta else ''}")
+    say(f"open http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ to draw a digit (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        say("stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
 def say(*parts):
     """print, flushed: each line shows up at once even when stdout is a pipe (`python main.py | tee log`)."""
     print(*parts, flush=True)
@@ -336,6 +370,7 @@ COMMANDS = {
     "predict": (predict, "classify digits in image files with a trained network"),
     "evaluate": (evaluate, "score a run's checkpoint on the test set or the validation split it held out"),
     "report": (report_command, "the results table of run folders: mean ± std over seeds"),
+    "serve": (serve_command, "draw a digit in the browser and see what the trained network reads"),
 }
 
 

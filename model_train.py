@@ -408,6 +408,18 @@ def predict_log_probs(model, images, tta=False):
     return (probs / len(TTA_SHIFTS)).log()
 
 
+def digit_probabilities(model, digit, tta=False):
+    """The probabilities (10,) of one digit prepared by data_file.digit_from_image (1, 28, 28): what `predict`
+    and the server answer, with TTA when the checkpoint's run was scored with it (checkpoint_tta)."""
+    return predict_log_probs(model, digit[None], tta).exp()[0]
+
+
+def checkpoint_tta(checkpoint):
+    """Whether a checkpoint's run scored with test-time augmentation, so predictions should use it too."""
+    config = checkpoint.get("config")
+    return bool(config.get("tta")) if isinstance(config, dict) else False
+
+
 @torch.inference_mode()
 def evaluate(model, images, labels, batch_size=1000, details=False, tta=False):
     """Loss (mean negative log-likelihood) and accuracy in % over (images, labels), in eval mode, in order;

@@ -48,7 +48,8 @@ def collect(folders):
         key = (tuple((k, v) for k, v in sorted(config.items()) if k not in IGNORED),
                run.get("device"), run.get("torch"))
         groups.setdefault(key, []).append((config, run))
-    return [make_row(runs) for runs in groups.values()], left_out
+    order = ("dry runs", "unfinished runs", "folders that are not runs")
+    return [make_row(runs) for runs in groups.values()], {k: left_out[k] for k in order if k in left_out}
 
 
 def classify(folder):

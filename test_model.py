@@ -347,6 +347,7 @@ def test_cli_dry_run_writes_metrics(tmp_path):
     assert sorted(os.listdir(out)) == ["confusion.png", "curves.png", "metrics.json", "mistakes.png", "model.pt"]
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     assert checkpoint["metrics"]["parameters"] == 13_242
+    assert checkpoint["metrics"]["device"] == run_folder.read_metrics(str(out))["device"] == "cpu"
 
 
 @pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--recipe", "nope"]])
@@ -619,3 +620,199 @@ def test_sweep_and_benchmark_without_data_are_one_line_errors(tmp_path):
     for script, extra in (("sweep.py", ["--out-dir", str(tmp_path / "out")]), ("benchmark.py", [])):
         r = run_script(script, "--data-dir", str(blocked), *extra)
         assert one_line_error(r) and "blocked" in r.stderr, (script, r.stderr)
+
+
+# --- the commands: --help, evaluate, report ----------------------------------------------------------
+
+def test_help_lists_every_command_and_each_has_its_own(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for name in main.COMMANDS:
+        assert f"\n  {name} " in out  # one line each in the command list
+        with pytest.raises(SystemExit) as exit_info:
+            main.main([name, "--help"])
+        assert exit_info.value.code == 0 and capsys.readouterr().out.startswith(f"usage: main.py {name}")
+    assert "(default: None)" not in out and "--device" in out and "--resume" in out
+
+
+def evaluate_cli(run_dir, *flags):
+    """`python main.py evaluate RUN_DIR` in a fresh process: {figure name: value} from its output."""
+    r = run_cli("evaluate", str(run_dir), *flags)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[1]  # "test set, 10,000 images: accuracy 99.37% loss 0.1234 single-view, ..."
+    figures = {}
+    for part in line.split(": ", 1)[1].split(", "):
+        words = part.split()
+        view = "_tta" if part.endswith("with TTA") else ""
+        figures["acc" + view], figures["loss" + view] = float(words[1].rstrip("%")), float(words[3])
+    return figures, r.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_gives_what_the_run_recorded_on_test_and_validation(seed2_run, seed1_checkpoint, tmp_path):
+    config, model, metrics = seed2_run
+    save_run(tmp_path, *seed2_run)
+    figures, out = evaluate_cli(tmp_path)
+    assert figures["acc"] == round(metrics["test_acc"], 2) and figures["acc_tta"] == round(metrics["test_acc_tta"], 2)
+    assert figures["loss"] == round(metrics["test_loss"], 4) and figures["loss_tta"] == round(metrics["test_loss_tta"], 4)
+    assert "per-class accuracy with TTA: 0 " in out
+    kept = metrics["epochs"][metrics["kept_epoch"] - 1]
+    figures, _ = evaluate_cli(tmp_path, "--split", "val")  # the split rebuilt from the run's seed and size
+    assert figures == {k: round(kept["val_" + k], 2 if k.startswith("acc") else 4)
+                       for k in ("acc", "loss", "acc_tta", "loss_tta")}
+    # In process, to the last bit: the same kernels, layout and batches as the run.
+    fresh, _ = run_folder.load_checkpoint(tmp_path / "model.pt")
+    result = model_train.evaluate_split(fresh, config, "test", log=lambda *a: None)
+    assert (result["acc"], result["loss"], result["acc_tta"]) == (metrics["test_acc"], metrics["test_loss"],
+                                                                  metrics["test_acc_tta"])
+    # The seed-1 run held out nothing: its validation split is refused in one line; its test figure agrees.
+    r = run_cli("evaluate", str(seed1_checkpoint), "--split", "val")
+    assert one_line_error(r) and "no validation split" in r.stderr
+    net_run = torch.load(seed1_checkpoint, weights_only=True)["metrics"]
+    assert evaluate_cli(seed1_checkpoint)[0]["acc"] == round(net_run["test_acc"], 2)
+
+
+def test_evaluate_without_a_checkpoint_is_a_one_line_error(tmp_path):
+    r = run_cli("evaluate", cwd=tmp_path)
+    assert one_line_error(r) and "python main.py" in r.stderr
+    r = run_cli("evaluate", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert one_line_error(r) and "nowhere" in r.stderr
+
+
+def write_run(folder, recipe="net-1epoch", seed=1, test_acc=98.0, seconds=7.0, tta=None, device="cpu",
+              finished=True, **overrides):
+    """A run folder as main.py leaves it (metrics.json only), with the given figures."""
+    config = model_train.recipe_config(recipe, seed=seed, **overrides)
+    folder.mkdir(parents=True)
+    if not finished:
+        (folder / run_folder.RESUME).write_bytes(b"")
+        return
+    metrics = {"recipe": recipe, "model": config.model, "parameters": 13_242, "seed": seed, "device": device,
+               "torch": "2.14.1", "test_acc": test_acc, "train_seconds": seconds}
+    if tta is not None:
+        metrics["test_acc_tta"] = tta
+    run_folder.save(str(folder), dataclasses.asdict(config), None, metrics, save_model=False)
+
+
+def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_path, capsys):
+    for seed, acc, secs in ((3, 98.4, 8.0), (1, 98.0, 6.0), (2, 98.2, 7.0)):
+        write_run(tmp_path / f"net-s{seed}", seed=seed, test_acc=acc, seconds=secs)
+    write_run(tmp_path / "net-b50", batch_size=50, test_acc=97.5)       # another config: its own row
+    write_run(tmp_path / "net-cuda", device="cuda:0", test_acc=98.1)     # another device: its own row
+    write_run(tmp_path / "res-s1", "ressenet-8epoch", 1, 99.3, 27.0, tta=99.5)
+    write_run(tmp_path / "res-s2", "ressenet-8epoch", 2, 99.5, 28.0, tta=99.6)
+    write_run(tmp_path / "dry", dry_run=True, test_acc=10.0)
+    write_run(tmp_path / "cut", finished=False)
+    (tmp_path / "sweep").mkdir()
+    assert main.main(["report", *sorted(str(p) for p in tmp_path.iterdir())]) == 0
+    out, err = capsys.readouterr()
+    rows = {(line.split(" | ")[0].strip("| `"), line.split(" | ")[9]): line.split(" | ")
+            for line in out.splitlines()[2:]}
+    assert len(rows) == 4 and len(out.splitlines()) == 2 + 4
+    assert rows["net-1epoch", "cuda:0"][6] == "98.10%"
+    rows = {recipe: row for (recipe, device), row in rows.items() if device == "cpu"}
+    net = rows["net-1epoch"]
+    assert net[4:9] == ["3", "1, 2, 3", "98.20 ± 0.20%", "—", "7.0 ± 1.0 s"]  # sample std of 98.0, 98.2, 98.4
+    assert rows["net-1epoch --batch-size 50"][6] == "97.50%"
+    assert rows["ressenet-8epoch"][6:9] == ["99.40 ± 0.14%", "99.55 ± 0.07%", "27.5 ± 0.7 s"]
+    assert err.strip() == "left out: dry runs: 1, unfinished runs: 1, folders that are not runs: 1"
+    assert main.main(["report", "--csv", str(tmp_path / "net-s1"), str(tmp_path / "net-s2")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split(",")[:8] == ["net-1epoch", "net", "13242", "1", "2", "1 2", "98.1000", "0.1414"]
+
+
+def test_report_of_a_missing_folder_is_a_one_line_error(tmp_path):
+    r = run_cli("report", str(tmp_path / "nowhere"))
+    assert one_line_error(r) and "nowhere" in r.stderr
+
+
+# --- runs that survive: resume, saving errors, --device ----------------------------------------------
+
+def small_split(mnist, n_train=1536, n_val=512):
+    """A few real training images with a validation split, for multi-epoch runs that take seconds."""
+    (x, y), (xt, yt) = mnist["train"], mnist["test"]
+    return {"train": (x[:n_train], y[:n_train]), "val": (x[-n_val:], y[-n_val:]), "test": (xt[:1000], yt[:1000])}
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("net-1epoch", dict(epochs=3, batch_size=64)),  # fused Adam, clipping, dropout
+    ("ressenet-8epoch", dict(epochs=3, batch_size=256, keep_best=True)),  # AdamW, augmentation, TTA, the best kept
+])
+def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_ends(recipe, overrides, mnist, tmp_path):
+    data = small_split(mnist)
+    config = model_train.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
+    quiet = dict(log=lambda *a: None, progress=False, data=data)
+    whole_model, whole = model_train.train(config, **quiet)
+
+    def stop_after_first_epoch(state):
+        run_folder.save_resume(str(tmp_path), dataclasses.asdict(config), config.model, state)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model_train.train(config, on_epoch=stop_after_first_epoch, **quiet)
+    saved = run_folder.load_resume(str(tmp_path))  # through the file, with weights_only, as --resume reads it
+    assert len(saved["state"]["history"]) == 1
+    assert model_train.config_from_dict(saved["config"]) == config
+    resumed_model, resumed = model_train.train(config, resume=saved["state"], **quiet)
+    for m in (whole, resumed):
+        m.pop("train_seconds")
+        for row in m["epochs"]:
+            row.pop("seconds")
+    assert resumed == whole
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in whole_model.state_dict().items())
+
+
+def test_sigterm_keeps_a_resumable_run_and_resume_finishes_it_bit_for_bit(tmp_path):
+    # net at batch 100 on the 10,000 training images --val-size 50000 leaves: about a second an epoch.
+    flags = ["--epochs", "4", "--batch-size", "100", "--val-size", "50000", "--no-progress", "--data-dir", DATA_DIR]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = run_cli(*flags, "--out-dir", str(whole))
+    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), *flags, "--out-dir", str(cut)],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut / run_folder.RESUME).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.startswith("interrupted: ") and f"python main.py --resume {cut}" in err and "Traceback" not in err
+    assert os.listdir(cut) == [run_folder.RESUME]
+    r = run_cli("--resume", str(cut), "--epochs", "5")  # a flag that would change the config is refused
+    assert r.returncode == 2 and "--epochs" in r.stderr and os.listdir(cut) == [run_folder.RESUME]
+    r = run_cli("--resume", str(cut), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "resumed after epoch" in r.stdout
+    assert sorted(os.listdir(cut)) == sorted(os.listdir(whole))  # resume.pt gone: what a finished run keeps
+    a, b = run_folder.read_metrics(str(whole)), run_folder.read_metrics(str(cut))
+    for m in (a, b):
+        m.pop("train_seconds")
+        for row in m["epochs"]:
+            row.pop("seconds")
+    assert a == b
+    wa, wb = (torch.load(d / "model.pt", weights_only=True)["model"] for d in (whole, cut))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    r = run_cli("--resume", str(cut))
+    assert one_line_error(r) and "finished" in r.stderr
+
+
+def test_a_failed_save_names_the_file_and_what_was_written(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(run_folder.RunFolderError) as e:
+        run_folder.save(str(tmp_path), {}, Net(), {"model": "net"})
+    assert str(e.value) == (f"cannot write {tmp_path / 'model.pt'}: No space left on device "
+                            f"(already written: {tmp_path / 'metrics.json'})")
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no temporary file left
+
+
+def test_an_unavailable_device_is_refused_naming_those_there_are(tmp_path):
+    missing = next(d for d in ("cuda", "mps", "xpu") if d not in model_train.available_devices())
+    r = run_cli("--device", missing, "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"))
+    assert one_line_error(r, code=2) and "available: cpu" in r.stderr
+    assert os.listdir(tmp_path) == []
+    assert main.config_from(main.parse_args(["--no-accel"])).device == "cpu"
