@@ -61,17 +61,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # quiet: the terminal shows the address, not every stroke
         pass
 
-    def send_json(self, status, payload, close=False):
+    def send_json(self, status, payload, close=False, headers=()):
         body = json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        if close:  # an unread body is still on the socket: this connection cannot carry another request
+        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store"), *headers):
+            self.send_header(name, value)
+        if close:  # an unread body may still be on the socket: this connection cannot carry another request
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # a HEAD answer has the headers of the body it leaves out
+            self.wfile.write(body)
 
     def route(self, method):
         """The path's route, or None after answering 404 (unknown path) or 405 (another method)."""
@@ -80,15 +81,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(404, {"error": f"no such page: {path}"}, close=method != "GET")
             return None
         if self.ROUTES[path] != method:
-            self.send_response(405)
-            self.send_header("Allow", self.ROUTES[path])
-            self.send_header("Content-Type", "application/json")
-            body = json.dumps({"error": f"{method} is not allowed on {path}; use {self.ROUTES[path]}"}).encode()
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body)
+            allowed = self.ROUTES[path]
+            self.send_json(405, {"error": f"{method} is not allowed on {path}; use {allowed}"}, close=True,
+                           headers=[("Allow", allowed)])
             return None
         return path
 

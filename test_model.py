@@ -816,3 +816,254 @@ def test_an_unavailable_device_is_refused_naming_those_there_are(tmp_path):
     assert one_line_error(r, code=2) and "available: cpu" in r.stderr
     assert os.listdir(tmp_path) == []
     assert main.config_from(main.parse_args(["--no-accel"])).device == "cpu"
+
+
+# --- python main.py serve: a real server on a free port, spoken to over HTTP -------------------------
+
+@pytest.fixture(scope="session")
+def server(seed1_checkpoint):
+    """serve.make_server on a free port with the seed-1 checkpoint, serving from a thread."""
+    import serve
+    import threading
+    model, checkpoint = run_folder.load_checkpoint(seed1_checkpoint)
+    srv = serve.make_server(serve.Predictor(model, checkpoint), port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def http_request(srv, method, path, body=None, headers=None):
+    """(status, parsed JSON or raw bytes) of one request to the test server."""
+    import http.client
+    import json
+    connection = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    is_json = response.getheader("Content-Type", "").startswith("application/json") and method != "HEAD"
+    return response.status, json.loads(data) if is_json else data
+
+
+def raw_request(srv, head, body=b"", shut=False):
+    """Send bytes as they are (a header block and part of a body) and read the status line of the answer."""
+    import socket
+    with socket.create_connection(srv.server_address[:2], timeout=30) as s:
+        s.sendall(head + body)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        return s.makefile("rb").readline().decode()
+
+
+@pytest.mark.slow
+def test_server_predicts_real_digits_as_predict_does(server, seed1_checkpoint, tmp_path):
+    from torchvision.datasets import MNIST
+    test = MNIST(DATA_DIR, train=False)
+    files = write_digit_variants(tmp_path, test.data[:10], test.targets[:10])
+    r = run_cli("predict", *[str(p) for p, _ in files], "--checkpoint", str(seed1_checkpoint))
+    predicted = {line.split(":")[0]: int(line.split(":")[1].split()[0]) for line in r.stdout.splitlines()}
+    model, checkpoint = run_folder.load_checkpoint(seed1_checkpoint)
+    for path, label in files:
+        status, answer = http_request(server, "POST", "/predict", path.read_bytes(), {"Content-Type": "image/png"})
+        assert status == 200 and answer["digit"] == predicted[str(path)]
+        expected = model_train.digit_probabilities(model, data_file.digit_from_image(path), False)
+        assert answer["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert answer["preview"].startswith("data:image/png;base64,")
+    status, page = http_request(server, "GET", "/")
+    assert status == 200 and b"<canvas" in page and b"http" not in page.split(b"<script>")[1]  # nothing fetched
+
+
+@pytest.mark.slow
+def test_server_answers_bad_requests_with_the_right_status_and_keeps_serving(server, tmp_path):
+    import serve
+    blank = tmp_path / "blank.png"
+    Image.new("L", (280, 280), 255).save(blank)
+    for body, status in ((b"not an image", 400), (blank.read_bytes(), 400), (b"", 400)):
+        got, answer = http_request(server, "POST", "/predict", body)
+        assert got == status and "error" in answer
+    for path in ("/model.pt", "/draw.html", "/serve.py", "/../main.py", "/runs/", "/predict/x"):
+        assert http_request(server, "GET", path)[0] == 404, path
+    for method, path in (("PUT", "/predict"), ("DELETE", "/"), ("GET", "/predict"), ("POST", "/"), ("HEAD", "/")):
+        assert http_request(server, method, path)[0] == 405, (method, path)
+    # Over the limit: refused from the header alone, while most of the body has not been sent.
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (serve.MAX_BODY + 1)
+    assert raw_request(server, head, b"x" * 1000).split()[1] == "413"
+    assert raw_request(server, b"POST /predict HTTP/1.1\r\nHost: x\r\n\r\n").split()[1] == "411"
+    assert raw_request(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n").split()[1] == "400"
+    short = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    assert raw_request(server, short, b"x" * 10, shut=True).split()[1] == "400"
+    assert http_request(server, "GET", "/")[0] == 200  # still serving
+
+
+@pytest.mark.slow
+def test_server_answers_concurrent_requests_each_its_own(server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from torchvision.datasets import MNIST
+    test = MNIST(DATA_DIR, train=False)
+    files = [p for p, _ in write_digit_variants(tmp_path, test.data[:8], test.targets[:8]) if "paper" in p.name]
+    alone = [http_request(server, "POST", "/predict", p.read_bytes())[1]["probabilities"] for p in files]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: http_request(server, "POST", "/predict", files[i % 8].read_bytes()),
+                                range(64)))
+    assert all(status == 200 and answer["probabilities"] == alone[i % 8] for i, (status, answer) in enumerate(answers))
+
+
+def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path):
+    r = run_cli("serve", cwd=tmp_path)
+    assert one_line_error(r) and "python main.py" in r.stderr
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", "runs/x", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        r = run_cli("serve", "--port", str(port), cwd=tmp_path)
+        assert one_line_error(r) and f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
+
+
+def test_serve_binds_to_loopback_and_stops_cleanly_on_ctrl_c(tmp_path):
+    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", "runs/x", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), "serve", "--port", "0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = [proc.stdout.readline(), proc.stdout.readline()]
+    assert lines[1].startswith("open http://127.0.0.1:"), lines
+    url = lines[1].split()[1]
+    import urllib.request
+    assert urllib.request.urlopen(url, timeout=30).status == 200
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.strip() == "stopped" and err == ""
+
+
+# --- the drawing page in a real headless Chromium (pytest -m browser) --------------------------------
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium and chromium-driver, driven by Selenium: headless, at a desktop window size."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1000,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    yield driver
+    driver.quit()
+
+
+def draw_digit(driver, image, touch=False):
+    """Draw a 28x28 MNIST digit on the page's canvas as pointer strokes: one stroke along each run of ink in
+    each row, at the canvas's scale. Returns the number of strokes."""
+    from selenium.webdriver.common.actions import interaction
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    canvas = driver.find_element("id", "pad")
+    cell = canvas.size["width"] / 28
+    kind = interaction.POINTER_TOUCH if touch else interaction.POINTER_MOUSE
+    actions = ActionBuilder(driver, mouse=PointerInput(kind, "finger" if touch else "mouse"), duration=0)
+    strokes = 0
+    for row in range(28):
+        ink = (image[row] > 128).tolist() + [False]
+        start = None
+        for col, on in enumerate(ink):
+            if on and start is None:
+                start = col
+            elif not on and start is not None:
+                y = (row + 0.5) * cell - canvas.size["height"] / 2  # offsets from the canvas's centre
+                x0, x1 = (start + 0.5) * cell - canvas.size["width"] / 2, (col - 0.5) * cell - canvas.size["width"] / 2
+                actions.pointer_action.move_to(canvas, int(x0), int(y)).pointer_down()
+                actions.pointer_action.move_to(canvas, int(x1), int(y)).pointer_up()
+                strokes, start = strokes + 1, None
+    actions.perform()
+    return strokes
+
+
+def wait_for_answer(driver, strokes, timeout=30):
+    """The page's answer once it is for all `strokes` strokes: (digit text, error text)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.execute_script("return document.body.dataset.shown") == str(strokes))
+    return driver.find_element("id", "digit").text, driver.find_element("id", "error").text
+
+
+@pytest.fixture()
+def page(browser, server):
+    browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
+    return browser
+
+
+@pytest.mark.browser
+def test_page_reads_50_real_test_digits_drawn_with_mouse_and_touch(page, tmp_path):
+    from torchvision.datasets import MNIST
+    test = MNIST(DATA_DIR, train=False)
+    right, times = 0, []
+    for i in range(50):
+        page.find_element("id", "clear").click()
+        strokes = draw_digit(page, test.data[i].numpy(), touch=i % 5 == 0)  # every fifth by touch
+        digit, error = wait_for_answer(page, strokes)
+        assert error == "" and digit.isdigit()
+        right += int(digit) == test.targets[i].item()
+        times.append(float(page.execute_script("return document.body.dataset.ms")))
+    print(f"page: {right}/50 drawn digits read right; one prediction's round trip from the page "
+          f"{np.median(times):.1f} ms median, {max(times):.1f} ms max")
+    assert right >= 45
+    assert page.find_element("id", "preview").get_attribute("src").startswith("data:image/png;base64,")
+    assert all(page.find_element("id", f"bar{d}").is_displayed() for d in range(10))
+    shot = tmp_path / "draw.png"
+    page.save_screenshot(str(shot))
+    assert Image.open(shot).size[0] > 0
+    if os.environ.get("SCREENSHOT"):  # the README's picture: SCREENSHOT=docs/draw.png pytest -m browser
+        shutil.copy(shot, os.environ["SCREENSHOT"])
+
+
+@pytest.mark.browser
+def test_empty_canvas_shows_the_hint_and_clear_clears(page):
+    from torchvision.datasets import MNIST
+    hint, result = page.find_element("id", "hint"), page.find_element("id", "result")
+    assert hint.is_displayed() and not result.is_displayed()  # an empty canvas: never a prediction
+    strokes = draw_digit(page, MNIST(DATA_DIR, train=False).data[0].numpy())
+    wait_for_answer(page, strokes)
+    assert result.is_displayed() and not hint.is_displayed()
+    page.find_element("id", "clear").click()
+    assert hint.is_displayed() and not result.is_displayed()
+    white = page.execute_script(
+        "const c = document.getElementById('pad'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "return d.every(v => v === 255);")
+    assert white
+
+
+@pytest.mark.browser
+def test_a_server_error_shows_as_a_message_on_the_page(page, server, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    def broken(body):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(server, "predictor", broken)
+    strokes = draw_digit(page, MNIST(DATA_DIR, train=False).data[1].numpy())
+    digit, error = wait_for_answer(page, strokes)
+    assert "server failed" in error and "out of memory" in error
+    assert not page.find_element("id", "result").is_displayed()
+
+
+@pytest.mark.browser
+def test_page_fits_a_phone_sized_window(page):
+    from torchvision.datasets import MNIST
+    page.set_window_size(390, 844)
+    try:
+        page.refresh()
+        strokes = draw_digit(page, MNIST(DATA_DIR, train=False).data[2].numpy(), touch=True)
+        digit, _ = wait_for_answer(page, strokes)
+        assert digit.isdigit()
+        width = page.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1]  # nothing wider than the screen: no sideways scrolling
+        assert page.find_element("id", "bar9").is_displayed()
+    finally:
+        page.set_window_size(1000, 800)
