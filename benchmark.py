@@ -4,6 +4,7 @@
     python benchmark.py --suite ressenet --rounds 7
     python benchmark.py --suite small --rounds 7
     python benchmark.py --suite one-epoch --rounds 5
+    python benchmark.py --suite race               # one epoch against the public 99%-in-one-epoch recipe
 
 --suite pipeline trains the net-1epoch recipe (batch 10, Adam + OneCycleLR, clipping) three ways from the same
 initial weights on the same shuffled order:
@@ -21,6 +22,12 @@ among, named "<crop>px <widths> b<batch>"; small: ressenet-small and ressenet-ti
 small network they replaced. --suite one-epoch times the two one-epoch recipes' loops, ressenet-wide-1epoch
 against net-1epoch (batch 10, the fast path), per training image. The figures and what was decided from them:
 docs/experiments.md.
+
+--suite race trains whole one-epoch runs on all 60,000 in-memory images, seeds 1-3 (--seeds), round-robin
+in one process: the best-known public "99% in one epoch" recipe (PUBLIC_RECIPE on model.CNN215k, its own
+loop as published) against our recipes (--recipes, through model_train.train). It prints each run's seconds
+(network built, one epoch trained; data loading and test scoring excluded for every variant alike) and test
+accuracy, then per variant the median seconds, their ratio to the public recipe's, and the test accuracies.
 """
 import argparse
 import statistics
@@ -28,6 +35,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
@@ -128,6 +136,62 @@ def benchmark_recipes(args, train, variants, recipe_variant, epoch_images=50_000
         print(f"{v:<{w}} {1e6 * t:8.1f} {epoch_images * t:8.1f} {t / first:5.2f}x {t / recipe:8.2f}x")
 
 
+# The public recipe as published: Adam (betas 0.7, 0.9) with OneCycleLR to 0.01 and no momentum cycling,
+# stepped every batch; batch 256; one epoch; normalised images held in memory, shuffled; no augmentation.
+PUBLIC_RECIPE = dict(model="cnn-215k", batch_size=256, max_lr=0.01, betas=(0.7, 0.9))
+RACE_RECIPES = ("ressenet-wide-1epoch", "net-1epoch")
+
+
+def public_one_epoch(data, seed):
+    """(seconds, test accuracy) of one epoch of PUBLIC_RECIPE, with torch's default CPU kernels and layout."""
+    model_train.use_fast_cpu_kernels(model_train.Config(model="cnn-215k", batch_size=PUBLIC_RECIPE["batch_size"]))
+    torch.manual_seed(seed)
+    (x, y), batch = data["train"], PUBLIC_RECIPE["batch_size"]
+    start = time.perf_counter()
+    model = build_model(PUBLIC_RECIPE["model"])
+    optimizer = torch.optim.Adam(model.parameters(), PUBLIC_RECIPE["max_lr"], betas=PUBLIC_RECIPE["betas"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, PUBLIC_RECIPE["max_lr"], cycle_momentum=False,
+                                                    total_steps=data_file.num_batches(len(y), batch))
+    model.train()
+    for xb, yb in data_file.batches(x, y, batch, torch.Generator().manual_seed(seed)):
+        loss = F.nll_loss(model(xb), yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    seconds = time.perf_counter() - start
+    return seconds, model_train.evaluate(model, *data["test"])["acc"]
+
+
+def recipe_one_epoch(recipe, data, seed):
+    """(seconds of its training loop, test accuracy) of one of our recipes, as main.py trains it."""
+    config = model_train.recipe_config(recipe, seed=seed, device="cpu")
+    _, metrics = model_train.train(config, log=lambda *a: None, data=data, progress=False)
+    return metrics["train_seconds"], metrics["test_acc"]
+
+
+def race(args):
+    data = data_file.load_mnist(args.data_dir)
+    variants = {"public cnn-215k b256": lambda seed: public_one_epoch(data, seed),
+                **{r: (lambda seed, r=r: recipe_one_epoch(r, data, seed)) for r in args.recipes}}
+    print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, seeds {args.seeds}, one epoch of "
+          f"{len(data['train'][1]):,} images each")
+    public_one_epoch({"train": tuple(t[:2560] for t in data["train"]), "test": data["test"]}, 0)  # untimed warm-up
+    results = {v: [] for v in variants}
+    w = max(map(len, variants))
+    for seed in args.seeds:
+        for v, run_variant in variants.items():
+            results[v].append(run_variant(seed))
+            print(f"seed {seed} {v:<{w}} {results[v][-1][0]:6.2f} s  test {results[v][-1][1]:.2f}%", flush=True)
+    public = statistics.median(s for s, _ in results["public cnn-215k b256"])
+    print(f"
+{'variant':<{w}} {'seconds':>8} {'vs public':>9}  test accuracy per seed (mean)")
+    for v, runs in results.items():
+        t, accs = statistics.median(s for s, _ in runs), [a for _, a in runs]
+        print(f"{v:<{w}} {t:8.2f} {t / public:8.2f}x  {' / '.join(f'{a:.2f}' for a in accs)} "
+              f"({statistics.mean(accs):.2f})")
+
+
 def positive_int(s):
     v = int(s)
     if v <= 0:
@@ -138,7 +202,7 @@ def positive_int(s):
 def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch"), default="pipeline",
+    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race"), default="pipeline",
                    help="which variants to time (see the top of this file)")
     p.add_argument("--steps", type=positive_int, default=2000,
                    help="pipeline: training steps per variant and round")
@@ -146,9 +210,15 @@ def benchmark(argv=None):
                    help="ressenet, small, one-epoch: training images per variant and round")
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds; the median is reported")
     p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="race: the seeds each variant runs")
+    p.add_argument("--recipes", nargs="+", choices=sorted(model_train.RECIPES), default=list(RACE_RECIPES),
+                   help="race: our one-epoch recipes against the public one")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
     args = p.parse_args(argv)
     try:
+        if args.suite == "race":
+            race(args)
+            return 0
         train = data_file.load_mnist(args.data_dir)["train"]
         if args.suite == "ressenet":
             benchmark_recipes(args, train, SEED2_VARIANTS, SEED2_RECIPE)

@@ -218,6 +218,37 @@ def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+RESTYLES = ("thicker", "thicker, coarse, nearest", "thicker, coarse, bilinear", "coarse, bilinear", "thicker, blurred")
+
+
+def random_restyle(images, generator, fraction=0.5):
+    """A `fraction` of the (normalised) images given another writer's look, one of RESTYLES per image, drawn
+    from `generator`; the rest untouched. Other pens draw thicker strokes (a 3x3 max filter; a thinner one would
+    erase MNIST's 2-pixel strokes) and softer edges (a 3x3 blur); scans and small bitmaps (the UCI digits are
+    8x8 cells) arrive coarse: the digit counted down to 10-12 cells across and scaled back up. Each changed
+    image is rescaled to a maximum ink of 1, as digit_from_image rescales what it is given."""
+    n, _, h, w = images.shape
+    pick = torch.randint(len(RESTYLES), (n,), generator=generator)
+    cells = torch.randint(10, 13, (1,), generator=generator).item()  # one coarseness per batch: batched resizes
+    change = torch.rand(n, generator=generator) < fraction
+    ink = images * STD + MEAN  # (N, 1, H, W) in [0, 1], background 0
+    thick = F.max_pool2d(ink, 3, 1, 1)
+    coarse_thick = F.adaptive_avg_pool2d(thick, cells)  # (N, 1, cells, cells)
+    blur = torch.tensor([1.0, 2.0, 1.0], device=images.device)
+    blur = (blur[:, None] * blur[None, :] / 16).view(1, 1, 3, 3)
+    styled = torch.stack([  # in the order of RESTYLES
+        thick,
+        F.interpolate(coarse_thick, size=(h, w), mode="nearest"),
+        F.interpolate(coarse_thick, size=(h, w), mode="bilinear", align_corners=False),
+        F.interpolate(F.adaptive_avg_pool2d(ink, cells), size=(h, w), mode="bilinear", align_corners=False),
+        F.conv2d(thick, blur, padding=1),
+    ])  # (len(RESTYLES), N, 1, H, W)
+    out = styled[pick.to(images.device), torch.arange(n, device=images.device)]  # (N, 1, H, W)
+    out = out / out.amax((1, 2, 3), keepdim=True).clamp_(min=1e-6)
+    out = torch.where(change.to(images.device)[:, None, None, None], out, ink)
+    return (out - MEAN) / STD
+
+
 def read_gray(path, name=None):
     """An image file (a path, or a binary file object named `name` in messages) as float32 (H, W) in [0, 1]:
     transparency composited on white, 16-bit scaled down."""
@@ -273,3 +304,41 @@ def digit_from_image(path, name=None):
     canvas = torch.zeros(28, 28)
     canvas[top:top + a.shape[0], left:left + a.shape[1]] = a
     return ((canvas - MEAN) / STD)[None]
+
+
+# Handwriting that is not MNIST's: the UCI optical-recognition digits that scikit-learn ships (1,797 digits by 43
+# writers, 32x32 bitmaps counted down to 8x8 cells of 0-16), written as PNG files the ways a user's scan or
+# photo arrives: (ink, side in pixels, interpolation).
+UCI_FORMS = {
+    "dark on light, 64 px, bilinear": ("dark", 64, Image.BILINEAR),
+    "dark on light, 64 px, nearest": ("dark", 64, Image.NEAREST),
+    "light on dark, 28 px, bicubic": ("light", 28, Image.BICUBIC),
+    "light on dark, 128 px, nearest": ("light", 128, Image.NEAREST),
+}
+UCI_HALVES = ("choose", "report")  # recipes are chosen on the first half; the second is only reported
+
+
+def uci_digits(half="report"):
+    """(images uint8 (N, 8, 8) in 0-255, labels (N,)) of one half of the UCI digits, split by a fixed
+    permutation: "choose" (899 digits, for choosing recipes) or "report" (898, for the figure we quote)."""
+    try:
+        from sklearn.datasets import load_digits  # ships its data: nothing is downloaded
+    except ImportError:
+        raise DataError("the UCI digits come with scikit-learn: pip install -r requirements.txt") from None
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8)
+    labels = torch.from_numpy(digits.target)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    cut = (len(labels) + 1) // 2
+    keep = perm[:cut] if half == "choose" else perm[cut:]
+    return images[keep], labels[keep]
+
+
+def uci_png(image, form):
+    """One 8x8 UCI digit (uint8 tensor) as the bytes of a PNG file in `form` (a key of UCI_FORMS)."""
+    ink, side, resample = UCI_FORMS[form]
+    a = image.numpy()
+    img = Image.fromarray(255 - a if ink == "dark" else a, "L").resize((side, side), resample)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()

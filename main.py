@@ -103,6 +103,9 @@ def build_parser(recipe, defaults=True):
                    help="images carved from the 60k training set for validation (0: none)")
     p.add_argument("--shift", type=non_negative_float, help="augmentation: max random shift in pixels (0: none)")
     p.add_argument("--rotate", type=non_negative_float, help="augmentation: max random rotation in degrees")
+    p.add_argument("--restyle", type=fraction_or_zero,
+                   help="augmentation: fraction of training digits given another writer's look (thicker, coarse "
+                        "or blurred strokes)")
     p.add_argument("--label-smoothing", type=fraction_or_zero, help="label smoothing of the training loss")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="also score validation and test (and predict) on the softmax averaged over the image and "
@@ -280,6 +283,10 @@ def evaluate(argv):
     p.add_argument("--device", choices=model_train.DEVICES, default="auto",
                    help="where to score: auto is torch's current accelerator, else the CPU")
     p.add_argument("--data-dir", help="where MNIST is kept (default: the run's own)")
+    p.add_argument("--uci-digits", action="store_true",
+                   help="also score handwriting from outside MNIST: the UCI digits (half of them, never used to "
+                        "choose anything) as PNG files in four forms, through predict's path; recorded in the run "
+                        f"folder's {run_folder.UCI} for `report`")
     args = p.parse_args(argv)
     try:
         path, model, checkpoint = load_named_checkpoint(args.run)
@@ -304,6 +311,20 @@ def evaluate(argv):
     if args.split == "test" and "test_acc" in recorded:
         say("the run recorded: " + ", ".join(f"{recorded['test_acc' + v]:.2f}% {'with TTA' if v else 'single-view'}"
                                              for v in views if "test_acc" + v in recorded))
+    if args.uci_digits:
+        folder = os.path.dirname(path) or "."
+        tta = model_train.checkpoint_tta(checkpoint)
+        try:
+            accuracy = model_train.score_uci_digits(model, tta)
+            # Recorded for `report` beside a run's metrics; a checkpoint elsewhere gets no file put beside it.
+            is_run = os.path.exists(os.path.join(folder, run_folder.METRICS))
+            where = f"recorded in {run_folder.save_uci(folder, accuracy)[0]}" if is_run else "not recorded: not a run folder"
+        except (data_file.DataError, run_folder.RunFolderError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        say(f"UCI digits (other writers, {len(data_file.uci_digits()[1])} of them){' with TTA' if tta else ''}: " +
+            ", ".join(f"{form} {acc:.2f}%" for form, acc in accuracy.items()) +
+            f" | mean {sum(accuracy.values()) / len(accuracy):.2f}% ({where})")
     return 0
 
 

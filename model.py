@@ -6,6 +6,7 @@
     ressenet-small  the same built from depthwise-separable convolutions, widths 16-24-32, whole image: 7,864
     ressenet-tiny   the same with widths 16-20-24: 5,533 parameters
     ressenet-wide   `ressenet` with widths 16-16-16 on the central 24x24: 14,658 parameters, for one epoch
+    cnn-215k        the best-known public "99% in one epoch" network, 215,194 parameters: benchmark.py races it
 
 Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size. What each
 reaches, and with which recipe: README.md; how each was chosen: docs/experiments.md.
@@ -142,12 +143,33 @@ class ResSENet(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
+class CNN215k(nn.Module):
+    """The public one-epoch speed network: conv 1->24 (5x5), max-pool, ReLU, conv 24->32 (3x3), max-pool, ReLU,
+    FC 800->256->10 (624 + 6,944 + 205,056 + 2,570 = 215,194 parameters). Its recipe is benchmark.py's."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 24, kernel_size=5)
+        self.conv2 = nn.Conv2d(24, 32, kernel_size=3)
+        self.pool = nn.MaxPool2d(2)
+        self.dropout = nn.Dropout(dropout)  # none in the public recipe
+        self.fc1 = nn.Linear(32 * 5 * 5, 256)  # 28 -conv5-> 24 -pool-> 12 -conv3-> 10 -pool-> 5
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x):                                   # (B, 1, 28, 28)
+        x = F.relu(self.pool(self.conv1(x)))                # (B, 24, 12, 12)
+        x = F.relu(self.pool(self.conv2(x)))                # (B, 32, 5, 5)
+        x = F.relu(self.fc1(self.dropout(torch.flatten(x, 1))))  # (B, 256)
+        return F.log_softmax(self.fc2(x), dim=1)            # (B, 10)
+
+
 MODELS = {
     "net": Net,
     "ressenet": ResSENet,
     "ressenet-small": functools.partial(ResSENet, widths=(16, 24, 32), stem_pool_first=False, crop=28, separable=True),
     "ressenet-tiny": functools.partial(ResSENet, widths=(16, 20, 24), stem_pool_first=False, crop=28, separable=True),
     "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=24),
+    "cnn-215k": CNN215k,
 }
 
 

@@ -9,6 +9,7 @@ where the uninterrupted run would have. `evaluate_split` scores a trained networ
 import copy
 import dataclasses
 import functools
+import io
 import math
 import time
 
@@ -41,6 +42,7 @@ class Config:
     val_size: int = 0              # images carved from the 60k training set for validation
     shift: float = 0.0             # augmentation: max random shift in pixels
     rotate: float = 0.0            # augmentation: max random rotation in degrees
+    restyle: float = 0.0           # augmentation: fraction of digits given another writer's look (data_file.RESTYLES)
     label_smoothing: float = 0.0
     tta: bool = False              # also score validation and test with test-time augmentation
     keep_best: bool = False        # keep the epoch with the best validation accuracy, not the last
@@ -193,11 +195,22 @@ def setup_device(config):
 
 
 def augmentation(config, generator):
-    """The config's training augmentation drawing from `generator`, or None."""
-    if not (config.shift or config.rotate):
+    """The config's training augmentation drawing from `generator`, or None: another writer's look
+    (config.restyle), then shifts and rotations."""
+    steps = []
+    if config.restyle:
+        steps.append(functools.partial(data_file.random_restyle, generator=generator, fraction=config.restyle))
+    if config.shift or config.rotate:
+        steps.append(functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=config.shift,
+                                       max_degrees=config.rotate))
+    if not steps:
         return None
-    return functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=config.shift,
-                             max_degrees=config.rotate)
+
+    def augment(images):
+        for step in steps:
+            images = step(images)
+        return images
+    return augment
 
 
 def train(config, log=print, data=None, progress=True, model_kwargs=None, on_epoch=None, resume=None):
@@ -336,6 +349,28 @@ def evaluate_split(model, config, split="test", log=print):
     model = place(model, config, device)
     return {**score(model, images, labels, config.test_batch_size, config.tta, "", details=True),
             "images": len(labels)}
+
+
+def score_uci_digits(model, tta, half="report", count=None):
+    """Accuracy in % on the UCI digits in each of data_file.UCI_FORMS, through predict's own path: each digit's
+    PNG file, data_file.digit_from_image, then digit_probabilities one image at a time (TTA when the run used
+    it), so each figure is what `python main.py predict` says of those files. Returns {form: accuracy}.
+    count: only the first `count` digits of the half (for tests)."""
+    images, labels = data_file.uci_digits(half)
+    images, labels = images[:count], labels[:count]
+    # predict's path exactly: the CPU, the layout a loaded checkpoint has, torch's default kernels
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    torch.backends.mkldnn.enabled = True
+    torch.set_num_threads(DEFAULT_THREADS)
+    result = {}
+    for form in data_file.UCI_FORMS:
+        right = 0
+        for image, label in zip(images, labels.tolist()):
+            png = io.BytesIO(data_file.uci_png(image, form))
+            digit = data_file.digit_from_image(png, name=f"a UCI digit ({form})")
+            right += int(digit_probabilities(model, digit, tta).argmax()) == label
+        result[form] = 100 * right / len(labels)
+    return result
 
 
 def per_class_accuracy(confusion):

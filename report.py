@@ -6,7 +6,9 @@
 A row is one config (every value in it but the seed and where the data is kept) measured on one device with
 one torch version: runs that differ in anything else are never averaged together. A row's recipe column names
 the recipe and the flags that moved the config off it, so each row says how to make it again. Dry runs, and
-runs that did not finish (no metrics.json, or one without a test figure), are left out and counted.
+runs that did not finish (no metrics.json, or one without a test figure), are left out and counted. The UCI
+column is filled where every run of the row was scored with `python main.py evaluate RUN --uci-digits`: the
+mean over seeds of the mean over the four forms, and the worst form's mean over seeds.
 """
 import csv
 import dataclasses
@@ -30,6 +32,7 @@ class Row:
     test_acc: list     # single-view, one per seed, in the order of `seeds`
     test_acc_tta: list  # empty when the config scored no TTA
     train_seconds: list
+    uci: list          # per seed {form: accuracy} (`evaluate --uci-digits`); empty unless every seed has one
     device: str
     torch: str
 
@@ -47,7 +50,7 @@ def collect(folders):
         config = dataclasses.asdict(model_train.config_from_dict(run["config"]))
         key = (tuple((k, v) for k, v in sorted(config.items()) if k not in IGNORED),
                run.get("device"), run.get("torch"))
-        groups.setdefault(key, []).append((config, run))
+        groups.setdefault(key, []).append((config, {**run, "uci": run_folder.read_uci(folder)}))
     order = ("dry runs", "unfinished runs", "folders that are not runs")
     return [make_row(runs) for runs in groups.values()], {k: left_out[k] for k in order if k in left_out}
 
@@ -75,7 +78,9 @@ def make_row(runs):
                parameters=run["parameters"], epochs=config["epochs"], seeds=[c["seed"] for c, _ in runs],
                test_acc=[r["test_acc"] for _, r in runs],
                test_acc_tta=[r["test_acc_tta"] for _, r in runs if "test_acc_tta" in r],
-               train_seconds=[r["train_seconds"] for _, r in runs], device=run.get("device", "?"),
+               train_seconds=[r["train_seconds"] for _, r in runs],
+               uci=[r["uci"] for _, r in runs] if all(r["uci"] for _, r in runs) else [],
+               device=run.get("device", "?"),
                torch=run.get("torch", "?"))
 
 
@@ -106,17 +111,28 @@ def mean_std(values, digits, unit=""):
 
 
 COLUMNS = ("recipe", "network", "parameters", "epochs", "n", "seeds", "test, single-view", "test, with TTA",
-           "training", "device", "torch")
+           "UCI digits (worst form)", "training", "device", "torch")
+
+
+def uci_figures(row):
+    """(per-seed means over the forms, the worst form's mean over seeds), or (None, None) without UCI scores."""
+    if not row.uci:
+        return None, None
+    per_seed = [statistics.mean(forms.values()) for forms in row.uci]
+    worst = min(statistics.mean(forms[f] for forms in row.uci) for f in row.uci[0])
+    return per_seed, worst
 
 
 def cells(row):
+    per_seed, worst = uci_figures(row)
+    uci = "—" if per_seed is None else f"{mean_std(per_seed, 1, '%')} ({worst:.1f}%)"
     return [row.recipe, row.model, f"{row.parameters:,}", str(row.epochs), str(len(row.seeds)),
             ", ".join(map(str, row.seeds)), mean_std(row.test_acc, 2, "%"), mean_std(row.test_acc_tta, 2, "%"),
-            mean_std(row.train_seconds, 1, " s"), row.device, row.torch]
+            uci, mean_std(row.train_seconds, 1, " s"), row.device, row.torch]
 
 
 def to_markdown(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|---|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for row in rows:
         c = cells(row)
         c[0] = f"`{c[0]}`"
@@ -129,13 +145,15 @@ def to_csv(rows):
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["recipe", "network", "parameters", "epochs", "n", "seeds", "test_acc_mean", "test_acc_std",
-                "test_acc_tta_mean", "test_acc_tta_std", "train_seconds_mean", "train_seconds_std", "device",
-                "torch"])
+                "test_acc_tta_mean", "test_acc_tta_std", "uci_acc_mean", "uci_acc_std", "train_seconds_mean",
+                "train_seconds_std", "uci_worst_form", "device", "torch"])
     for row in rows:
+        per_seed, worst = uci_figures(row)
         figures = []
-        for values in (row.test_acc, row.test_acc_tta, row.train_seconds):
+        for values in (row.test_acc, row.test_acc_tta, per_seed or [], row.train_seconds):
             figures += [f"{statistics.mean(values):.4f}" if values else "",
                         f"{statistics.stdev(values):.4f}" if len(values) > 1 else ""]
+        figures.append("" if worst is None else f"{worst:.4f}")
         w.writerow([row.recipe, row.model, row.parameters, row.epochs, len(row.seeds),
                     " ".join(map(str, row.seeds)), *figures, row.device, row.torch])
     return out.getvalue()

@@ -16,6 +16,7 @@ from model import MODELS, build_model
 
 RUNS = "runs"  # where main.py puts its run folders
 METRICS, CHECKPOINT, RESUME = "metrics.json", "model.pt", "resume.pt"
+UCI = "uci-digits.json"  # `python main.py evaluate --uci-digits`: the run's accuracy on the UCI digits, per form
 UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
 os.umask(UMASK)
 
@@ -135,6 +136,22 @@ def load_resume(run_dir):
             or not isinstance(resume.get("state"), dict) or resume.get("model_name") not in MODELS:
         raise RunFolderError(f"{path}: not a resumable state written by main.py")
     return resume
+
+
+def save_uci(run_dir, accuracy):
+    """Record a run's accuracy on the UCI digits ({form: %}) beside its metrics, for the report."""
+    text = json.dumps({"half": "report", "accuracy": accuracy}, indent=2).encode()
+    return write_files(run_dir, [(UCI, lambda f: f.write(text))])
+
+
+def read_uci(run_dir):
+    """The {form: %} recorded by save_uci, or None when the run has none (or it cannot be read)."""
+    try:
+        with open(os.path.join(run_dir, UCI)) as f:
+            accuracy = json.load(f)["accuracy"]
+        return {str(k): float(v) for k, v in accuracy.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def read_metrics(run_dir):
