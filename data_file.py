@@ -245,8 +245,7 @@ def random_restyle(images, generator, fraction=0.5):
     ])  # (len(RESTYLES), N, 1, H, W)
     out = styled[pick.to(images.device), torch.arange(n, device=images.device)]  # (N, 1, H, W)
     out = out / out.amax((1, 2, 3), keepdim=True).clamp_(min=1e-6)
-    out = torch.where(change.to(images.device)[:, None, None, None], out, ink)
-    return (out - MEAN) / STD
+    return torch.where(change.to(images.device)[:, None, None, None], (out - MEAN) / STD, images)  # the rest as given
 
 
 def read_gray(path, name=None):
