@@ -139,7 +139,7 @@ def benchmark_recipes(args, train, variants, recipe_variant, epoch_images=50_000
 # The public recipe as published: Adam (betas 0.7, 0.9) with OneCycleLR to 0.01 and no momentum cycling,
 # stepped every batch; batch 256; one epoch; normalised images held in memory, shuffled; no augmentation.
 PUBLIC_RECIPE = dict(model="cnn-215k", batch_size=256, max_lr=0.01, betas=(0.7, 0.9))
-RACE_RECIPES = ("ressenet-wide-1epoch", "net-1epoch")
+RACE_RECIPES = ("ressenet-wide-b128-1epoch", "ressenet-wide-1epoch", "net-1epoch")
 
 
 def public_one_epoch(data, seed):
@@ -184,8 +184,7 @@ def race(args):
             results[v].append(run_variant(seed))
             print(f"seed {seed} {v:<{w}} {results[v][-1][0]:6.2f} s  test {results[v][-1][1]:.2f}%", flush=True)
     public = statistics.median(s for s, _ in results["public cnn-215k b256"])
-    print(f"
-{'variant':<{w}} {'seconds':>8} {'vs public':>9}  test accuracy per seed (mean)")
+    print(f"\n{'variant':<{w}} {'seconds':>8} {'vs public':>9}  test accuracy per seed (mean)")
     for v, runs in results.items():
         t, accs = statistics.median(s for s, _ in runs), [a for _, a in runs]
         print(f"{v:<{w}} {t:8.2f} {t / public:8.2f}x  {' / '.join(f'{a:.2f}' for a in accs)} "

@@ -69,8 +69,14 @@ RECIPES = {
 RECIPES["ressenet-wide-1epoch"] = dict(model="ressenet-wide", epochs=1, batch_size=24, max_lr=0.0075,
                                        pct_start=0.2, div_factor=10.0, final_div_factor=100.0, weight_decay=5e-4,
                                        clip_grad=0.0, label_smoothing=0.1, dropout=0.1)
+# The one-epoch race (benchmark.py --suite race): the same network and pass at batch 128 (a fifth of the steps),
+# max-lr 0.03, no dropout; chosen on validation against the public 215k-parameter recipe (docs/experiments.md).
+RECIPES["ressenet-wide-b128-1epoch"] = dict(RECIPES["ressenet-wide-1epoch"], batch_size=128, max_lr=0.03, dropout=0.0)
 # Single-view >= 99.4% in under a minute: 12 epochs (chosen on validation over 8 and 10), then all 60,000 images.
 RECIPES["ressenet-12epoch"] = dict(RECIPES["ressenet-8epoch"], epochs=12, val_size=0)
+# Other people's handwriting: ressenet-12epoch with half of each batch restyled (thicker, coarse or blurred
+# strokes), chosen on the UCI digits' choose half and MNIST's validation split (docs/experiments.md).
+RECIPES["ressenet-restyle-12epoch"] = dict(RECIPES["ressenet-12epoch"], restyle=0.5)
 RECIPES["ressenet-small-15epoch"] = dict(RECIPES["ressenet-8epoch"], model="ressenet-small", epochs=15,
                                          batch_size=128, max_lr=0.01)
 RECIPES["ressenet-tiny-15epoch"] = dict(RECIPES["ressenet-small-15epoch"], model="ressenet-tiny")

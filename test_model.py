@@ -232,6 +232,14 @@ def test_one_epoch_recipe_reaches_99_percent_test_accuracy_with_under_20k_parame
 
 
 @pytest.mark.slow
+def test_fast_one_epoch_recipe_reaches_99_percent_at_batch_128():
+    config, model, metrics = train_recipe("ressenet-wide-b128-1epoch", seed=1)
+    assert (config.epochs, config.batch_size, config.val_size) == (1, 128, 0) and metrics["parameters"] < 20_000
+    print(f"one epoch at batch 128: test {metrics['test_acc']:.2f}%, {metrics['train_seconds']:.1f} s")
+    assert metrics["test_acc"] >= 99.0
+
+
+@pytest.mark.slow
 def test_seed2_recipe_reaches_99_4_percent_test_accuracy(seed2_run):
     args, model, metrics = seed2_run
     assert metrics["parameters"] < 20_000 and args.val_size == 10_000 and args.tta
