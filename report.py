@@ -38,8 +38,8 @@ class Row:
 
 
 def collect(folders):
-    """(rows, left_out) for run folders: rows in the order their configs first appear (seeds sorted within a
-    row), and left_out {"dry runs": n, "unfinished runs": n, ...} for those not in any row."""
+    """(rows, left_out) for run folders: rows in the order of the recipes in model_train.RECIPES, seeds sorted
+    within a row, and left_out {"dry runs": n, "unfinished runs": n, ...} for those not in any row."""
     groups, left_out = {}, {}
     for folder in folders:
         kind = classify(folder)
@@ -52,7 +52,15 @@ def collect(folders):
                run.get("device"), run.get("torch"))
         groups.setdefault(key, []).append((config, {**run, "uci": run_folder.read_uci(folder)}))
     order = ("dry runs", "unfinished runs", "folders that are not runs")
-    return [make_row(runs) for runs in groups.values()], {k: left_out[k] for k in order if k in left_out}
+    rows = sorted((make_row(runs) for runs in groups.values()), key=recipe_order)  # stable: else as first seen
+    return rows, {k: left_out[k] for k in order if k in left_out}
+
+
+def recipe_order(row):
+    """Rows in the order model_train.RECIPES lists their recipes; unknown recipes last."""
+    names = list(model_train.RECIPES)
+    name = row.recipe.split()[0]
+    return names.index(name) if name in names else len(names)
 
 
 def classify(folder):
@@ -131,12 +139,24 @@ def cells(row):
             uci, mean_std(row.train_seconds, 1, " s"), row.device, row.torch]
 
 
+RIGHT = {"parameters", "epochs", "n", "test, single-view", "test, with TTA", "UCI digits (worst form)", "training"}
+SHARED = ("n", "seeds", "device", "torch")  # said once under the table when every row has the same
+
+
 def to_markdown(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
-    for row in rows:
-        c = cells(row)
+    """A Markdown table; of SHARED, the columns that every row (of two or more) has the same are said once
+    in a line under it, so a table of many recipes stays readable."""
+    table = [cells(row) for row in rows]
+    shared = [i for i, name in enumerate(COLUMNS)
+              if name in SHARED and len(table) > 1 and len({r[i] for r in table}) == 1]
+    keep = [i for i in range(len(COLUMNS)) if i not in shared]
+    lines = ["| " + " | ".join(COLUMNS[i] for i in keep) + " |",
+             "|" + "|".join("---:" if COLUMNS[i] in RIGHT else "---" for i in keep) + "|"]
+    for c in table:
         c[0] = f"`{c[0]}`"
-        lines.append("| " + " | ".join(c) + " |")
+        lines.append("| " + " | ".join(c[i] for i in keep) + " |")
+    if shared:
+        lines += ["", "Every row: " + ", ".join(f"{COLUMNS[i]} {table[0][i]}" for i in shared) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -743,16 +743,21 @@ def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_p
     (tmp_path / "sweep").mkdir()
     assert main.main(["report", *sorted(str(p) for p in tmp_path.iterdir())]) == 0
     out, err = capsys.readouterr()
-    rows = {(line.split(" | ")[0].strip("| `"), line.split(" | ")[10]): line.split(" | ")
-            for line in out.splitlines()[2:]}
-    assert len(rows) == 4 and len(out.splitlines()) == 2 + 4
-    assert rows["net-1epoch", "cuda:0"][6] == "98.10%"
+    lines = out.splitlines()
+    header = [name.strip() for name in lines[0].strip("|").split("|")]
+    table = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:6]]
+    assert len(table) == 4 and lines[6:] == ["", "Every row: torch 2.14.1."]  # the one value all rows share
+    rows = {(r["recipe"].strip("`"), r["device"]): r for r in table}
+    assert rows["net-1epoch", "cuda:0"]["test, single-view"] == "98.10%"
     rows = {recipe: row for (recipe, device), row in rows.items() if device == "cpu"}
     net = rows["net-1epoch"]
-    assert net[4:10] == ["3", "1, 2, 3", "98.20 ± 0.20%", "—", "—", "7.0 ± 1.0 s"]  # sample std of 98.0, 98.2, 98.4
-    assert rows["net-1epoch --batch-size 50"][6] == "97.50%"
+    assert [net[k] for k in ("n", "seeds", "test, single-view", "test, with TTA", "UCI digits (worst form)",
+                             "training")] == ["3", "1, 2, 3", "98.20 ± 0.20%", "—", "—", "7.0 ± 1.0 s"]  # sample std
+    assert rows["net-1epoch --batch-size 50"]["test, single-view"] == "97.50%"
     # UCI digits: per-seed means over the forms 96 and 98; the worst form's mean over seeds 96
-    assert rows["ressenet-8epoch"][6:10] == ["99.40 ± 0.14%", "99.55 ± 0.07%", "97.0 ± 1.4% (96.0%)", "27.5 ± 0.7 s"]
+    res = rows["ressenet-8epoch"]
+    assert [res[k] for k in ("test, single-view", "test, with TTA", "UCI digits (worst form)", "training")] == \
+        ["99.40 ± 0.14%", "99.55 ± 0.07%", "97.0 ± 1.4% (96.0%)", "27.5 ± 0.7 s"]
     assert err.strip() == "left out: dry runs: 1, unfinished runs: 1, folders that are not runs: 1"
     assert main.main(["report", "--csv", str(tmp_path / "net-s1"), str(tmp_path / "net-s2")]) == 0
     lines = capsys.readouterr().out.splitlines()
