@@ -338,6 +338,10 @@ def report_command(argv):
     p.add_argument("--csv", action="store_true", help="CSV instead of a Markdown table")
     args = p.parse_args(argv)
     folders = args.runs or sorted(glob.glob(os.path.join(run_folder.RUNS, "*", "")))
+    if not folders:
+        print(f"error: no run folders in {run_folder.RUNS}/: train one first with `python main.py`, or name them",
+              file=sys.stderr)
+        return 1
     try:
         rows, left_out = report.collect(folders)
     except run_folder.RunFolderError as e:

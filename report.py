@@ -51,7 +51,7 @@ def collect(folders):
         key = (tuple((k, v) for k, v in sorted(config.items()) if k not in IGNORED),
                run.get("device"), run.get("torch"))
         groups.setdefault(key, []).append((config, {**run, "uci": run_folder.read_uci(folder)}))
-    order = ("dry runs", "unfinished runs", "folders that are not runs")
+    order = ("dry runs", "unfinished runs", "unreadable runs", "folders that are not runs")
     rows = sorted((make_row(runs) for runs in groups.values()), key=recipe_order)  # stable: else as first seen
     return rows, {k: left_out[k] for k in order if k in left_out}
 
@@ -64,13 +64,17 @@ def recipe_order(row):
 
 
 def classify(folder):
-    """"finished", "dry runs", "unfinished runs" or "folders that are not runs" (for the left-out count)."""
+    """"finished", "dry runs", "unfinished runs", "unreadable runs" or "folders that are not runs" (the
+    left-out count)."""
     if not os.path.isdir(folder):
         raise run_folder.RunFolderError(f"{folder}: no such run folder")
     has = {name for name in (run_folder.METRICS, run_folder.RESUME) if os.path.exists(os.path.join(folder, name))}
     if run_folder.METRICS not in has:
         return "unfinished runs" if has else "folders that are not runs"
-    run = run_folder.read_metrics(folder)
+    try:
+        run = run_folder.read_metrics(folder)
+    except run_folder.RunFolderError:  # cut off or damaged: one bad folder does not stop the table
+        return "unreadable runs"
     if not isinstance(run.get("config"), dict):
         return "folders that are not runs"
     if run["config"].get("dry_run"):

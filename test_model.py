@@ -1,7 +1,8 @@
 """Tests on the real MNIST data: shapes and sizes on random tensors, then real training with real thresholds.
 
-    pytest                  # everything: 63 tests in 2 min 48 s on 2 CPU cores (38 s of it the ressenet-8epoch run)
+    pytest                  # everything but the browser: 85 tests in 4 min 29 s on 2 CPU cores
     pytest -m "not slow"    # skip the full training runs
+    pytest -m browser       # the drawing page in a real headless Chromium: 4 tests in about 2 minutes
 
 MNIST is fetched once into $MNIST_DATA_DIR (default ./data, the folder main.py uses) and only read
 after that; everything a test writes goes under its own tmp_path.
@@ -741,6 +742,8 @@ def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_p
     write_run(tmp_path / "dry", dry_run=True, test_acc=10.0)
     write_run(tmp_path / "cut", finished=False)
     (tmp_path / "sweep").mkdir()
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "metrics.json").write_text('{"config": {"recipe": "net-1')  # cut off
     assert main.main(["report", *sorted(str(p) for p in tmp_path.iterdir())]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
@@ -758,15 +761,17 @@ def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_p
     res = rows["ressenet-8epoch"]
     assert [res[k] for k in ("test, single-view", "test, with TTA", "UCI digits (worst form)", "training")] == \
         ["99.40 ± 0.14%", "99.55 ± 0.07%", "97.0 ± 1.4% (96.0%)", "27.5 ± 0.7 s"]
-    assert err.strip() == "left out: dry runs: 1, unfinished runs: 1, folders that are not runs: 1"
+    assert err.strip() == "left out: dry runs: 1, unfinished runs: 1, unreadable runs: 1, folders that are not runs: 1"
     assert main.main(["report", "--csv", str(tmp_path / "net-s1"), str(tmp_path / "net-s2")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split(",")[:8] == ["net-1epoch", "net", "13242", "1", "2", "1 2", "98.1000", "0.1414"]
 
 
-def test_report_of_a_missing_folder_is_a_one_line_error(tmp_path):
+def test_report_of_a_missing_folder_or_of_no_runs_is_a_one_line_error(tmp_path):
     r = run_cli("report", str(tmp_path / "nowhere"))
     assert one_line_error(r) and "nowhere" in r.stderr
+    r = run_cli("report", cwd=tmp_path)
+    assert one_line_error(r) and "python main.py" in r.stderr
 
 
 # --- runs that survive: resume, saving errors, --device ----------------------------------------------
