@@ -234,15 +234,6 @@ def resume_hint(out_dir, resumable, config):
             f"`python main.py --resume {out_dir}`")
 
 
-def load_named_checkpoint(path, model_name=None):
-    """(model, checkpoint) of a run folder or model.pt, or of the newest run's when `path` is None."""
-    path = run_folder.checkpoint_in(path) if path else run_folder.newest_checkpoint()
-    if path is None:
-        raise run_folder.RunFolderError(f"no checkpoint in {run_folder.RUNS}/: train one first with "
-                                        f"`python main.py`, or name one")
-    return (path, *run_folder.load_checkpoint(path, model_name))
-
-
 def predict(argv):
     """`python main.py predict IMAGE... [--checkpoint PATH]`: the digit and top-3 probabilities per image."""
     p = command_parser("predict", "Each image is prepared the way MNIST's digits were (data_file.digit_from_image).")
@@ -252,7 +243,7 @@ def predict(argv):
     p.add_argument("--model", choices=sorted(MODELS), help="refuse a checkpoint of any other network")
     args = p.parse_args(argv)
     try:
-        _, model, checkpoint = load_named_checkpoint(args.checkpoint, args.model)
+        _, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint, args.model)
     except run_folder.RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -289,7 +280,7 @@ def evaluate(argv):
                         f"folder's {run_folder.UCI} for `report`")
     args = p.parse_args(argv)
     try:
-        path, model, checkpoint = load_named_checkpoint(args.run)
+        path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
         config = model_train.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
         config = dataclasses.replace(config, device=args.device, data_dir=args.data_dir or config.data_dir)
         result = model_train.evaluate_split(model, config, args.split, log=say)
@@ -365,7 +356,7 @@ def serve_command(argv):
     args = p.parse_args(argv)
     import serve  # its http.server is needed by this command alone
     try:
-        path, model, checkpoint = load_named_checkpoint(args.checkpoint)
+        path, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint)
         server = serve.make_server(serve.Predictor(model, checkpoint), args.host, args.port)
     except run_folder.RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -179,9 +179,13 @@ def newest_checkpoint(root=RUNS):
     return max(found, key=os.path.getmtime) if found else None
 
 
-def checkpoint_in(path):
-    """A checkpoint named by a run folder (its model.pt) or by its own path."""
-    return os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+def load_named_checkpoint(path=None, model_name=None):
+    """(path, model, checkpoint) of a run folder (its model.pt) or a checkpoint file, or of the newest run's
+    when `path` is None: how predict, evaluate and serve find what to load."""
+    path = (os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path) if path else newest_checkpoint()
+    if path is None:
+        raise RunFolderError(f"no checkpoint in {RUNS}/: train one first with `python main.py`, or name one")
+    return (path, *load_checkpoint(path, model_name))
 
 
 def load_file(path):
