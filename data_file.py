@@ -248,12 +248,16 @@ def random_restyle(images, generator, fraction=0.5):
     return torch.where(change.to(images.device)[:, None, None, None], (out - MEAN) / STD, images)  # the rest as given
 
 
-def read_gray(path, name=None):
+def read_gray(path, name=None, max_pixels=None):
     """An image file (a path, or a binary file object named `name` in messages) as float32 (H, W) in [0, 1]:
-    transparency composited on white, 16-bit scaled down."""
+    transparency composited on white, 16-bit scaled down. With max_pixels, a larger image is refused from its
+    header, before it is decoded (the server's bound on what an upload can cost)."""
     path_text = path if name is None else name
     try:
         with Image.open(path) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageError(f"{path_text}: {img.width}x{img.height} pixels is too large "
+                                 f"(at most {max_pixels:,})")
             img.load()
             if img.mode.startswith("I"):  # 16- or 32-bit integer greyscale
                 a = np.asarray(img, dtype=np.float64)
@@ -273,7 +277,7 @@ def read_gray(path, name=None):
         raise ImageError(f"{path_text}: not a readable image ({type(e).__name__})") from None
 
 
-def digit_from_image(path, name=None):
+def digit_from_image(path, name=None, max_pixels=None):
     """Prepare a photo or drawing of one digit the way MNIST's digits were made; returns (1, 28, 28).
 
     Greyscale; inverted when the background is light (MNIST is light ink on black); cropped to the ink;
@@ -281,7 +285,7 @@ def digit_from_image(path, name=None):
     mass at the centre; normalised with the training constants. `path` may be a binary file object (the
     server's uploads), called `name` in messages.
     """
-    a = torch.from_numpy(read_gray(path, name))
+    a = torch.from_numpy(read_gray(path, name, max_pixels))
     path = path if name is None else name
     border = torch.cat([a[0], a[-1], a[:, 0], a[:, -1]]).median()
     if border > 0.5:

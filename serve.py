@@ -24,6 +24,7 @@ import model_train
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
 MAX_BODY = 1 << 20  # 1 MiB: a 280x280 canvas PNG is ~5-20 kB; a phone's at devicePixelRatio 3 under 200 kB
+MAX_PIXELS = 4096 * 4096  # a small PNG can claim a huge canvas: refused from its header, never decoded
 READ_TIMEOUT_S = 10  # a client that stops sending mid-request frees its thread after this
 
 
@@ -44,7 +45,7 @@ class Predictor:
 
     def __call__(self, body):
         """{"digit", "probabilities", "preview"} for an uploaded image; data_file.ImageError if it holds none."""
-        digit = data_file.digit_from_image(io.BytesIO(body), name="the uploaded image")
+        digit = data_file.digit_from_image(io.BytesIO(body), name="the uploaded image", max_pixels=MAX_PIXELS)
         with self.lock:
             probs = model_train.digit_probabilities(self.model, digit, self.tta)
         return {"digit": int(probs.argmax()), "probabilities": [round(p, 6) for p in probs.tolist()],

@@ -926,7 +926,9 @@ def test_server_answers_bad_requests_with_the_right_status_and_keeps_serving(ser
     import serve
     blank = tmp_path / "blank.png"
     Image.new("L", (280, 280), 255).save(blank)
-    for body, status in ((b"not an image", 400), (blank.read_bytes(), 400), (b"", 400)):
+    png_claiming_size(tmp_path / "vast.png", 5000, 5000)  # 25 MP: under PIL's bomb limit, over the server's
+    for body, status in ((b"not an image", 400), (blank.read_bytes(), 400), (b"", 400),
+                         ((tmp_path / "vast.png").read_bytes(), 400)):
         got, answer = http_request(server, "POST", "/predict", body)
         assert got == status and "error" in answer
     for path in ("/model.pt", "/draw.html", "/serve.py", "/../main.py", "/runs/", "/predict/x"):
