@@ -313,7 +313,7 @@ def evaluate(argv):
         except (data_file.DataError, run_folder.RunFolderError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        say(f"UCI digits (other writers, {len(data_file.uci_digits()[1])} of them){' with TTA' if tta else ''}: " +
+        say(f"UCI digits (other writers, the report half){' with TTA' if tta else ''}: " +
             ", ".join(f"{form} {acc:.2f}%" for form, acc in accuracy.items()) +
             f" | mean {sum(accuracy.values()) / len(accuracy):.2f}% ({where})")
     return 0

@@ -42,11 +42,10 @@ def collect(folders):
     within a row, and left_out {"dry runs": n, "unfinished runs": n, ...} for those not in any row."""
     groups, left_out = {}, {}
     for folder in folders:
-        kind = classify(folder)
+        kind, run = classify(folder)
         if kind != "finished":
             left_out[kind] = left_out.get(kind, 0) + 1
             continue
-        run = run_folder.read_metrics(folder)
         config = dataclasses.asdict(model_train.config_from_dict(run["config"]))
         key = (tuple((k, v) for k, v in sorted(config.items()) if k not in IGNORED),
                run.get("device"), run.get("torch"))
@@ -64,22 +63,22 @@ def recipe_order(row):
 
 
 def classify(folder):
-    """"finished", "dry runs", "unfinished runs", "unreadable runs" or "folders that are not runs" (the
-    left-out count)."""
+    """(kind, its metrics.json or None): kind is "finished", "dry runs", "unfinished runs", "unreadable runs" or
+    "folders that are not runs" (the left-out count). Each metrics.json is read once."""
     if not os.path.isdir(folder):
         raise run_folder.RunFolderError(f"{folder}: no such run folder")
     has = {name for name in (run_folder.METRICS, run_folder.RESUME) if os.path.exists(os.path.join(folder, name))}
     if run_folder.METRICS not in has:
-        return "unfinished runs" if has else "folders that are not runs"
+        return ("unfinished runs" if has else "folders that are not runs"), None
     try:
         run = run_folder.read_metrics(folder)
     except run_folder.RunFolderError:  # cut off or damaged: one bad folder does not stop the table
-        return "unreadable runs"
+        return "unreadable runs", None
     if not isinstance(run.get("config"), dict):
-        return "folders that are not runs"
+        return "folders that are not runs", None
     if run["config"].get("dry_run"):
-        return "dry runs"
-    return "finished" if "test_acc" in run and "train_seconds" in run else "unfinished runs"
+        return "dry runs", run
+    return ("finished" if "test_acc" in run and "train_seconds" in run else "unfinished runs"), run
 
 
 def make_row(runs):
