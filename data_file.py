@@ -198,18 +198,23 @@ def num_batches(n, batch_size):
     return -(-n // batch_size)
 
 
-def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0):
-    """Each image moved by up to `max_shift` pixels along each axis and turned by up to `max_degrees`,
-    all drawn per sample from `generator`; one batched grid_sample, on the images' device.
+def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0, max_scale=0.0):
+    """Each image moved by up to `max_shift` pixels along each axis, turned by up to `max_degrees` and, with
+    max_scale, scaled by a factor in [1 - max_scale, 1 + max_scale], all drawn per sample from `generator`;
+    one batched grid_sample, on the images' device.
 
     Borders repeat the edge pixels, which in MNIST are background, so shifted-in areas stay black.
     """
     n, _, h, w = images.shape
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
     angle = (torch.rand(n, generator=generator) * 2 - 1) * torch.deg2rad(torch.tensor(max_degrees))
-    # grid_sample works in [-1, 1] coordinates: a shift of s pixels is 2s / size.
+    # Drawn only when asked for, so recipes without it keep their random stream (and their results) exactly.
+    zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_scale if max_scale else torch.ones(n)
+    # grid_sample works in [-1, 1] coordinates: a shift of s pixels is 2s / size. An output pixel samples
+    # the input at 1/zoom of its distance from the centre: the digit grows by the factor zoom.
     cos, sin, dx, dy = (v.to(images.device)[:, None, None]  # (N, 1, 1) each
-                        for v in (torch.cos(angle), torch.sin(angle), 2 * shift[:, 0] / w, 2 * shift[:, 1] / h))
+                        for v in (torch.cos(angle) / zoom, torch.sin(angle) / zoom, 2 * shift[:, 0] / w,
+                                  2 * shift[:, 1] / h))
     # The grid F.affine_grid(theta, images.shape, align_corners=False) would give, built by broadcasting:
     # affine_grid's one 3x2 matrix product per image took ~10x as long (a test checks the two agree).
     xs = (torch.arange(w, device=images.device) * 2 + 1) / w - 1            # (W,) pixel centres

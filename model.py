@@ -6,6 +6,7 @@
     ressenet-small  the same built from depthwise-separable convolutions, widths 16-24-32, whole image: 7,864
     ressenet-tiny   the same with widths 16-20-24: 5,533 parameters
     ressenet-wide   `ressenet` with widths 16-16-16 on the central 24x24: 14,658 parameters, for one epoch
+    ressenet-wide22 `ressenet-wide` on the central 22x22 (maps 11x11 and 5x5): the one-epoch race's network
     cnn-215k        the best-known public "99% in one epoch" network, 215,194 parameters: benchmark.py races it
 
 Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size. What each
@@ -169,6 +170,7 @@ MODELS = {
     "ressenet-small": functools.partial(ResSENet, widths=(16, 24, 32), stem_pool_first=False, crop=28, separable=True),
     "ressenet-tiny": functools.partial(ResSENet, widths=(16, 20, 24), stem_pool_first=False, crop=28, separable=True),
     "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=24),
+    "ressenet-wide22": functools.partial(ResSENet, widths=(16, 16, 16), crop=22),
     "cnn-215k": CNN215k,
 }
 

@@ -27,7 +27,7 @@ import data_file
 import main
 import model_train
 import run_folder
-from model import Net, ResidualBlock, SqueezeExcite, build_model, count_parameters
+from model import MODELS, Net, ResidualBlock, SqueezeExcite, build_model, count_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.environ.get("MNIST_DATA_DIR", os.path.join(HERE, "data"))
@@ -88,6 +88,18 @@ def test_the_public_one_epoch_network_has_215194_parameters():
     model = build_model("cnn-215k")
     assert count_parameters(model) == 624 + 6_944 + 205_056 + 2_570 == 215_194
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+# The sizes the README's network table states; a change to a network shows up here first.
+NETWORK_SIZES = {"net": 13_242, "ressenet": 13_418, "ressenet-small": 7_864, "ressenet-tiny": 5_533,
+                 "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "cnn-215k": 215_194}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_network_has_its_stated_parameter_count(name):
+    net = build_model(name).eval()
+    assert count_parameters(net) == NETWORK_SIZES[name]
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_unknown_model_name_is_rejected():
@@ -234,7 +246,7 @@ def test_one_epoch_recipe_reaches_99_percent_test_accuracy_with_under_20k_parame
 
 @pytest.mark.slow
 def test_fast_one_epoch_recipe_reaches_99_percent_at_batch_128():
-    config, model, metrics = train_recipe("ressenet-wide-b128-1epoch", seed=1)
+    config, model, metrics = train_recipe("ressenet-wide22-b128-1epoch", seed=1)
     assert (config.epochs, config.batch_size, config.val_size) == (1, 128, 0) and metrics["parameters"] < 20_000
     print(f"one epoch at batch 128: test {metrics['test_acc']:.2f}%, {metrics['train_seconds']:.1f} s")
     assert metrics["test_acc"] >= 99.0
@@ -306,6 +318,37 @@ def test_augmentation_is_affine_grid_and_grid_sample_with_the_generators_draws()
     # The two grids differ by float rounding (~1e-6 of the half-width), which moves a value by at most ~1e-4.
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
     assert not torch.allclose(out, x, atol=0.1)  # and the images did move
+
+
+def test_scale_augmentation_grows_and_shrinks_digits_and_draws_only_when_asked_for():
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    out = data_file.random_shift_rotate(x, g, max_shift=2.0, max_degrees=10.0, max_scale=0.2)
+    g = torch.Generator().manual_seed(5)  # the same draws through affine_grid: rotation divided by the zoom
+    shift = (torch.rand(16, 2, generator=g) * 2 - 1) * 2.0
+    angle = (torch.rand(16, generator=g) * 2 - 1) * torch.deg2rad(torch.tensor(10.0))
+    zoom = 1 + (torch.rand(16, generator=g) * 2 - 1) * 0.2
+    assert 0.8 <= zoom.min() and zoom.max() <= 1.2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0] / 14], 1),
+                         torch.stack([sin, cos, shift[:, 1] / 14], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [16, 1, 28, 28], align_corners=False)
+    expected = torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    # A digit scaled by 1.2 covers more pixels; without max_scale nothing extra is drawn from the generator,
+    # so recipes without it keep their augmentation draws and results.
+    square = torch.zeros(1, 1, 28, 28)
+    square[..., 10:18, 10:18] = 1.0
+    big = data_file.random_shift_rotate(square, torch.Generator().manual_seed(0), 0.0, 0.0, max_scale=1e-9)
+    assert torch.equal(big, square)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    data_file.random_shift_rotate(x, g1, 2.0, 10.0)
+    torch.rand(16, 2, generator=g2), torch.rand(16, generator=g2)
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    zoomed = data_file.random_shift_rotate(square.expand(64, 1, 28, 28), torch.Generator().manual_seed(2), 0.0,
+                                           0.0, max_scale=0.5)
+    ink = (zoomed > 0.5).sum((1, 2, 3))
+    assert ink.min() < 64 < ink.max()  # some shrunk, some grown, from the 8x8 square's 64 pixels
 
 
 def test_restyle_gives_a_fraction_of_digits_another_writers_look(mnist):
