@@ -139,7 +139,7 @@ def benchmark_recipes(args, train, variants, recipe_variant, epoch_images=50_000
 # The public recipe as published: Adam (betas 0.7, 0.9) with OneCycleLR to 0.01 and no momentum cycling,
 # stepped every batch; batch 256; one epoch; normalised images held in memory, shuffled; no augmentation.
 PUBLIC_RECIPE = dict(model="cnn-215k", batch_size=256, max_lr=0.01, betas=(0.7, 0.9))
-RACE_RECIPES = ("ressenet-wide-b128-1epoch", "ressenet-wide-1epoch", "net-1epoch")
+RACE_RECIPES = ("ressenet-wide22-b128-1epoch", "ressenet-wide-1epoch", "net-1epoch")
 
 
 def public_one_epoch(data, seed):
