@@ -17,7 +17,6 @@ through a seeded per-epoch permutation, the validation and test sets in order.
 import contextlib
 import hashlib
 import io
-import math
 import os
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import MNIST
-from torchvision.transforms.functional import gaussian_blur, resize
+from torchvision.transforms.functional import resize
 
 MEAN, STD = 0.1307, 0.3081
 RAW_SHA256 = {
@@ -221,21 +220,6 @@ def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0, max_s
     xs = (torch.arange(w, device=images.device) * 2 + 1) / w - 1            # (W,) pixel centres
     ys = ((torch.arange(h, device=images.device) * 2 + 1) / h - 1)[:, None]  # (H, 1)
     grid = torch.stack([cos * xs - sin * ys + dx, sin * xs + cos * ys + dy], dim=-1)  # (N, H, W, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def random_elastic(images, generator, alpha=34.0, sigma=4.0):
-    """Each image warped by its own smooth random displacement field, the elastic distortion of Simard et al.
-    (2003): per-pixel offsets uniform in [-1, 1] drawn from `generator`, smoothed by a Gaussian of `sigma`
-    pixels, times `alpha` (their values for MNIST: 34 and 4, offsets up to ~5 pixels); one batched grid_sample.
-    Strokes bend and wobble the way one writer's hand differs from another's."""
-    n, _, h, w = images.shape
-    field = torch.rand(n, 2, h, w, generator=generator) * 2 - 1                      # (N, 2, H, W) in [-1, 1]
-    field = gaussian_blur(field, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma) * alpha
-    xs = (torch.arange(w) * 2 + 1) / w - 1                                           # pixel centres in [-1, 1]
-    ys = (torch.arange(h) * 2 + 1) / h - 1
-    grid = torch.stack([xs[None, None, :] + 2 * field[:, 0] / w,                     # (N, H, W, 2)
-                        ys[None, :, None] + 2 * field[:, 1] / h], dim=-1).to(images.device)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

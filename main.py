@@ -108,8 +108,6 @@ def build_parser(recipe, defaults=True):
     p.add_argument("--restyle", type=fraction_or_zero,
                    help="augmentation: fraction of training digits given another writer's look (thicker, coarse "
                         "or blurred strokes)")
-    p.add_argument("--elastic", type=non_negative_float,
-                   help="augmentation: elastic distortion of this strength (Simard et al.'s alpha, 34 there; 0: none)")
     p.add_argument("--label-smoothing", type=fraction_or_zero, help="label smoothing of the training loss")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="also score validation and test (and predict) on the softmax averaged over the image and "

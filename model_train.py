@@ -44,7 +44,6 @@ class Config:
     rotate: float = 0.0            # augmentation: max random rotation in degrees
     scale: float = 0.0             # augmentation: max relative change of size, e.g. 0.1: 90% to 110%
     restyle: float = 0.0           # augmentation: fraction of digits given another writer's look (data_file.RESTYLES)
-    elastic: float = 0.0           # augmentation: elastic distortion of strength alpha (data_file.random_elastic)
     label_smoothing: float = 0.0
     tta: bool = False              # also score validation and test with test-time augmentation
     keep_best: bool = False        # keep the epoch with the best validation accuracy, not the last
@@ -210,12 +209,10 @@ def setup_device(config):
 
 def augmentation(config, generator):
     """The config's training augmentation drawing from `generator`, or None: another writer's look
-    (config.restyle), elastic distortion, then shifts, rotations and scaling."""
+    (config.restyle), then shifts, rotations and scaling."""
     steps = []
     if config.restyle:
         steps.append(functools.partial(data_file.random_restyle, generator=generator, fraction=config.restyle))
-    if config.elastic:
-        steps.append(functools.partial(data_file.random_elastic, generator=generator, alpha=config.elastic))
     if config.shift or config.rotate or config.scale:
         steps.append(functools.partial(data_file.random_shift_rotate, generator=generator, max_shift=config.shift,
                                        max_degrees=config.rotate, max_scale=config.scale))
