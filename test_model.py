@@ -26,6 +26,7 @@ from PIL import Image
 import data_file
 import main
 import model_train
+import plots
 import run_folder
 from model import MODELS, Net, ResidualBlock, SqueezeExcite, build_model, count_parameters
 
@@ -651,15 +652,23 @@ def test_huge_image_is_a_one_line_error(tmp_path):
         data_file.digit_from_image(tmp_path / "huge.png")
 
 
-def test_plots_of_a_missing_or_damaged_run_folder_are_one_line_errors(tmp_path):
-    r = run_script("plots.py", str(tmp_path / "nowhere"))
+def in_process(main_function, argv, capsys):
+    """main_function(argv) run in this process, as a finished subprocess would report it: the CLI's own
+    entry point without the ~3 s a fresh interpreter spends importing torch."""
+    code = main_function(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def test_plots_of_a_missing_or_damaged_run_folder_are_one_line_errors(tmp_path, capsys):
+    r = run_script("plots.py", str(tmp_path / "nowhere"))  # once as the script itself
     assert one_line_error(r) and "nowhere" in r.stderr
     (tmp_path / "metrics.json").write_text('{"config": {"data_dir": "./data"}, "epochs": [{"ste')  # cut off
-    r = run_script("plots.py", str(tmp_path))
+    r = in_process(plots.main, [str(tmp_path)], capsys)
     assert one_line_error(r) and "metrics.json" in r.stderr
     for text in ('{"config": {"data_dir": "%s"}, "epochs": []}' % DATA_DIR, '{"config": [1]}', '[]'):
         (tmp_path / "metrics.json").write_text(text)
-        r = run_script("plots.py", str(tmp_path))  # valid JSON, but not a finished run's metrics
+        r = in_process(plots.main, [str(tmp_path)], capsys)  # valid JSON, but not a finished run's metrics
         assert one_line_error(r) and "metrics.json" in r.stderr, text
     assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no figure half-written
 
@@ -1001,7 +1010,16 @@ def test_server_answers_concurrent_requests_each_its_own(server, tmp_path):
     assert all(status == 200 and answer["probabilities"] == alone[i % 8] for i, (status, answer) in enumerate(answers))
 
 
-def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path):
+@pytest.fixture(scope="session")
+def dry_run_folder(tmp_path_factory):
+    """One `python main.py --dry-run` run folder (metrics.json, model.pt), for the tests that copy it."""
+    folder = tmp_path_factory.mktemp("dry") / "run"
+    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(folder))
+    assert r.returncode == 0, r.stderr
+    return folder
+
+
+def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path, dry_run_folder):
     r = run_cli("serve", cwd=tmp_path)
     assert one_line_error(r) and "python main.py" in r.stderr
     import socket
@@ -1009,15 +1027,13 @@ def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", "runs/x", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
+        shutil.copytree(dry_run_folder, tmp_path / "runs" / "x")
         r = run_cli("serve", "--port", str(port), cwd=tmp_path)
         assert one_line_error(r) and f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
 
 
-def test_serve_binds_to_loopback_and_stops_cleanly_on_ctrl_c(tmp_path):
-    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", "runs/x", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+def test_serve_binds_to_loopback_and_stops_cleanly_on_ctrl_c(tmp_path, dry_run_folder):
+    shutil.copytree(dry_run_folder, tmp_path / "runs" / "x")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), "serve", "--port", "0"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
