@@ -336,12 +336,11 @@ def test_scale_augmentation_grows_and_shrinks_digits_and_draws_only_when_asked_f
     grid = torch.nn.functional.affine_grid(theta, [16, 1, 28, 28], align_corners=False)
     expected = torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
-    # A digit scaled by 1.2 covers more pixels; without max_scale nothing extra is drawn from the generator,
-    # so recipes without it keep their augmentation draws and results.
     square = torch.zeros(1, 1, 28, 28)
     square[..., 10:18, 10:18] = 1.0
-    big = data_file.random_shift_rotate(square, torch.Generator().manual_seed(0), 0.0, 0.0, max_scale=1e-9)
-    assert torch.equal(big, square)
+    same = data_file.random_shift_rotate(square, torch.Generator().manual_seed(0), 0.0, 0.0, max_scale=1e-9)
+    assert torch.equal(same, square)  # a vanishing scale moves nothing
+    # Without max_scale nothing extra is drawn from the generator, so recipes without it keep their draws.
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     data_file.random_shift_rotate(x, g1, 2.0, 10.0)
     torch.rand(16, 2, generator=g2), torch.rand(16, generator=g2)
