@@ -238,17 +238,11 @@ def test_seed1_recipe_beats_95_percent_test_accuracy_in_one_epoch(seed1_run):
 
 @pytest.mark.slow
 def test_one_epoch_recipe_reaches_99_percent_test_accuracy_with_under_20k_parameters():
-    config, model, metrics = train_recipe("ressenet-wide-1epoch", seed=1)
-    assert (config.epochs, config.val_size, config.tta) == (1, 0, False)  # one pass over all 60k, single-view
-    assert metrics["parameters"] < 20_000 and metrics["epochs"][0]["steps"] == 60_000 // config.batch_size
-    print(f"one epoch: test {metrics['test_acc']:.2f}%, {metrics['train_seconds']:.1f} s")
-    assert metrics["test_acc"] >= 99.0
-
-
-@pytest.mark.slow
-def test_fast_one_epoch_recipe_reaches_99_percent_at_batch_128():
+    # The race's recipe: the fastest of the one-epoch recipes at >= 99% (ressenet-wide-1epoch, 99.19%, takes 2.5x
+    # as long; its dry run is tested with every recipe's).
     config, model, metrics = train_recipe("ressenet-wide22-b128-1epoch", seed=1)
-    assert (config.epochs, config.batch_size, config.val_size) == (1, 128, 0) and metrics["parameters"] < 20_000
+    assert (config.epochs, config.batch_size, config.val_size, config.tta) == (1, 128, 0, False)  # single-view
+    assert metrics["parameters"] < 20_000 and metrics["epochs"][0]["steps"] == -(-60_000 // config.batch_size)
     print(f"one epoch at batch 128: test {metrics['test_acc']:.2f}%, {metrics['train_seconds']:.1f} s")
     assert metrics["test_acc"] >= 99.0
 
