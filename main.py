@@ -109,6 +109,8 @@ def build_parser(recipe, defaults=True):
                    help="augmentation: fraction of training digits given another writer's look (thicker, coarse "
                         "or blurred strokes)")
     p.add_argument("--label-smoothing", type=fraction_or_zero, help="label smoothing of the training loss")
+    p.add_argument("--ema", type=fraction_or_zero,
+                   help="score and keep a moving average of the weights, with this decay per step (0: the weights)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="also score validation and test (and predict) on the softmax averaged over the image and "
                         "its four one-pixel shifts")

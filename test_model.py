@@ -393,6 +393,26 @@ def test_non_finite_loss_stops_training_at_once(mnist):
                                     progress=False)
 
 
+def test_moving_average_of_the_weights_follows_its_recursion(mnist):
+    # --ema keeps avg = decay * avg + (1 - decay) * weights after every step, BatchNorm statistics included;
+    # the first step's weights start it.
+    torch.manual_seed(0)
+    model, decay = build_model("ressenet"), 0.9
+    optimizer, scheduler = model_train.make_optimizer(model, model_train.Config(max_lr=0.01), total_steps=4, fused=True)
+    ema = model_train.moving_average(model, decay)
+    x, y = mnist["train"][0][:256], mnist["train"][1][:256]
+    expected = None
+    for i in range(4):
+        model_train.train_one_epoch(model, optimizer, scheduler, [(x[64 * i:64 * (i + 1)], y[64 * i:64 * (i + 1)])],
+                                    progress=False, ema=ema)
+        now = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        expected = now if expected is None else {k: decay * expected[k] + (1 - decay) * now[k] for k in now}
+    averaged = ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(averaged[k], v)
+    assert not torch.equal(averaged["fc.weight"], model.state_dict()["fc.weight"])
+
+
 # --- the command line and checkpoints ----------------------------------------------------------------
 
 @pytest.mark.slow
@@ -827,7 +847,8 @@ def small_split(mnist, n_train=1536, n_val=512):
 
 @pytest.mark.parametrize("recipe, overrides", [
     ("net-1epoch", dict(epochs=3, batch_size=64)),  # fused Adam, clipping, dropout
-    ("ressenet-8epoch", dict(epochs=3, batch_size=256, keep_best=True)),  # AdamW, augmentation, TTA, the best kept
+    # AdamW, augmentation, TTA, the best kept, the moving average of the weights
+    ("ressenet-8epoch", dict(epochs=3, batch_size=256, keep_best=True, ema=0.9)),
 ])
 def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_ends(recipe, overrides, mnist, tmp_path):
     data = small_split(mnist)
