@@ -235,7 +235,8 @@ def train(config, log=print, data=None, progress=True, model_kwargs=None, on_epo
 
     `data` is what data_file.load_mnist returns, for callers that train many times on the same split;
     `model_kwargs` go to the network's constructor (a variant of a named network, for experiments).
-    With config.tta, validation and test are scored both single-view and with test-time augmentation.
+    With config.tta, validation and test are scored both single-view and with test-time augmentation; with
+    config.ema, they score (and the returned network is) the moving average of the weights (moving_average).
     `on_epoch(state)` is called after every epoch of a multi-epoch run with the state to resume from: the
     weights, optimizer, scheduler, both random generators, the epoch rows so far and the kept best epoch.
     `resume` is such a state: training goes on after its last epoch, the random draws where they stopped.
