@@ -5,6 +5,7 @@
                     average pooling and dropout, on the central 22x22 pixels
     ressenet-small  the same built from depthwise-separable convolutions, widths 16-24-32, whole image: 7,864
     ressenet-tiny   the same with widths 16-20-24: 5,533 parameters
+    ressenet-micro  widths 10-16-18 on the central 24x24, the stem pooled first: 3,482 parameters
     ressenet-wide   `ressenet` with widths 16-16-16 on the central 24x24: 14,658 parameters (one epoch; 30 epochs)
     ressenet-wide22 `ressenet-wide` on the central 22x22 (maps 11x11 and 5x5): the one-epoch race's network
     cnn-215k        the best-known public "99% in one epoch" network, 215,194 parameters: benchmark.py races it
@@ -169,6 +170,7 @@ MODELS = {
     "ressenet": ResSENet,
     "ressenet-small": functools.partial(ResSENet, widths=(16, 24, 32), stem_pool_first=False, crop=28, separable=True),
     "ressenet-tiny": functools.partial(ResSENet, widths=(16, 20, 24), stem_pool_first=False, crop=28, separable=True),
+    "ressenet-micro": functools.partial(ResSENet, widths=(10, 16, 18), crop=24, separable=True),
     "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=24),
     "ressenet-wide22": functools.partial(ResSENet, widths=(16, 16, 16), crop=22),
     "cnn-215k": CNN215k,

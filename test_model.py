@@ -93,7 +93,7 @@ def test_the_public_one_epoch_network_has_215194_parameters():
 
 # The sizes the README's network table states; a change to a network shows up here first.
 NETWORK_SIZES = {"net": 13_242, "ressenet": 13_418, "ressenet-small": 7_864, "ressenet-tiny": 5_533,
-                 "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "cnn-215k": 215_194}
+                 "ressenet-micro": 3_482, "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "cnn-215k": 215_194}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -109,7 +109,7 @@ def test_unknown_model_name_is_rejected():
 
 
 @pytest.mark.parametrize("name, budget", [("ressenet", 19_999), ("ressenet-small", 8_000),
-                                          ("ressenet-tiny", 5_800)])
+                                          ("ressenet-tiny", 5_800), ("ressenet-micro", 3_500)])
 def test_seed2_networks_have_every_component_within_their_parameter_budget(name, budget):
     model = build_model(name).eval()
     assert count_parameters(model) <= budget
