@@ -28,7 +28,7 @@ import main
 import model_train
 import plots
 import run_folder
-from model import MODELS, Net, ResidualBlock, SqueezeExcite, build_model, count_parameters
+from model import MODELS, Net, ResidualBlock, SqueezeExcite, build_model, center_crop, count_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.environ.get("MNIST_DATA_DIR", os.path.join(HERE, "data"))
@@ -72,6 +72,13 @@ def seed2_run():
 
 
 # --- the network, on random tensors -------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [22, 24, 25, 28])
+def test_center_crop_cuts_as_torchvision_does(size):
+    import torchvision.transforms.functional as TF
+    x = torch.randn(2, 3, 28, 28).to(memory_format=torch.channels_last)
+    assert torch.equal(center_crop(x, size), TF.center_crop(x, [size, size]))
+
 
 def test_net_has_13242_parameters():
     n = count_parameters(Net())
@@ -732,6 +739,13 @@ def test_help_lists_every_command_and_each_has_its_own(capsys):
             main.main([name, "--help"])
         assert exit_info.value.code == 0 and capsys.readouterr().out.startswith(f"usage: main.py {name}")
     assert "(default: None)" not in out and "--device" in out and "--resume" in out
+
+
+def test_commands_import_torchvision_only_when_they_need_it():
+    # torchvision takes seconds to import; --help, argument errors and report never use it
+    code = "import sys, main, report, run_folder; assert 'torchvision' not in sys.modules, 'imported'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def evaluate_cli(run_dir, *flags):
