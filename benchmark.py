@@ -37,7 +37,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
 
 import data_file
 import model_train
@@ -71,6 +70,7 @@ def run(variant, steps, seed, data_dir, train, order):
     optimizer, scheduler = model_train.make_optimizer(model, recipe, steps, fused=fast)
     torch.manual_seed(seed + 1)  # dropout masks: the same stream for every variant
     if variant == "dataloader":
+        from torchvision import datasets, transforms  # only this variant: the others read data_file's tensors
         tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
         dataset = datasets.MNIST(data_dir, train=True, transform=tf)
         # A fixed sampler gives the same order as the in-memory slices; the loader's own generator keeps
