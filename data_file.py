@@ -75,7 +75,7 @@ def bad_files(folder):
 
 def _fetch_torchvision(tmp):
     """torchvision's mirrors; it downloads all four archives and extracts them into tmp/MNIST/raw."""
-    from torchvision.datasets import MNIST  # imported where used: 3.5 s on 2 cores, which --help and errors need not pay
+    from torchvision.datasets import MNIST  # imported where used: 3.5 s on 2 cores that --help need not pay
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         MNIST(tmp, train=False, download=True)
     return raw_dir(tmp)
