@@ -1,8 +1,8 @@
 """Tests on the real MNIST data: shapes and sizes on random tensors, then real training with real thresholds.
 
-    pytest                  # everything but the browser: 100 tests in 5 min 4 s on 2 CPU cores
+    pytest                  # everything but the browser: 106 tests in 4½–9 minutes on 2 CPU cores
     pytest -m "not slow"    # skip the full training runs
-    pytest -m browser       # the drawing page in a real headless Chromium: 4 tests in about 2 minutes
+    pytest -m browser       # the drawing page in a real headless Chromium: 4 tests in 2–3 minutes
 
 MNIST is fetched once into $MNIST_DATA_DIR (default ./data, the folder main.py uses) and only read
 after that; everything a test writes goes under its own tmp_path.
