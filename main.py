@@ -108,6 +108,8 @@ def build_parser(recipe, defaults=True):
     p.add_argument("--restyle", type=fraction_or_zero,
                    help="augmentation: fraction of training digits given another writer's look (thicker, coarse "
                         "or blurred strokes)")
+    p.add_argument("--clean-epochs", type=non_negative_int,
+                   help="train the last N epochs on the digits as they are, without the augmentation above")
     p.add_argument("--label-smoothing", type=fraction_or_zero, help="label smoothing of the training loss")
     p.add_argument("--ema", type=fraction_or_zero,
                    help="score and keep a moving average of the weights, with this decay per step (0: the weights)")

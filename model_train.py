@@ -44,6 +44,7 @@ class Config:
     rotate: float = 0.0            # augmentation: max random rotation in degrees
     scale: float = 0.0             # augmentation: max relative change of size, e.g. 0.1: 90% to 110%
     restyle: float = 0.0           # augmentation: fraction of digits given another writer's look (data_file.RESTYLES)
+    clean_epochs: int = 0          # the last N epochs train on the digits as they are, without augmentation
     label_smoothing: float = 0.0
     ema: float = 0.0               # decay per step of a moving average of the weights, scored and kept; 0: none
     tta: bool = False              # also score validation and test with test-time augmentation
@@ -288,8 +289,10 @@ def train(config, log=print, data=None, progress=True, model_kwargs=None, on_epo
         log_epoch(row, val_key if val else None, log)
     for epoch in range(len(history) + 1, epochs + 1):
         batches = data_file.batches(x_train, y_train, config.batch_size, generator)
+        # The last clean_epochs fit the digits as they are (the dry run's one epoch keeps its augmentation).
+        clean = epoch > epochs - config.clean_epochs and not config.dry_run
         row = train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch, clip_grad=config.clip_grad,
-                              augment=augment, label_smoothing=config.label_smoothing, desc=f"epoch {epoch}",
+                              augment=None if clean else augment, label_smoothing=config.label_smoothing, desc=f"epoch {epoch}",
                               progress=progress, ema=ema)
         row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0]}
         if val:

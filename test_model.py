@@ -860,10 +860,23 @@ def small_split(mnist, n_train=1536, n_val=512):
     return {"train": (x[:n_train], y[:n_train]), "val": (x[-n_val:], y[-n_val:]), "test": (xt[:1000], yt[:1000])}
 
 
+def test_clean_epochs_train_the_last_epochs_without_augmentation(mnist, monkeypatch):
+    calls = []
+    augment = data_file.random_shift_rotate
+    monkeypatch.setattr(data_file, "random_shift_rotate", lambda *a, **k: calls.append(1) or augment(*a, **k))
+    per_epoch = []
+    config = model_train.recipe_config("ressenet-8epoch", epochs=3, batch_size=256, clean_epochs=2, data_dir=DATA_DIR)
+    model_train.train(config, log=lambda *a: None, progress=False, data=small_split(mnist),
+                      on_epoch=lambda state: per_epoch.append(len(calls)))
+    steps = data_file.num_batches(1536, 256)
+    assert per_epoch == [steps, steps, steps]  # augmented in epoch 1 only: the last 2 of 3 on the digits as they are
+
+
 @pytest.mark.parametrize("recipe, overrides", [
     ("net-1epoch", dict(epochs=3, batch_size=64)),  # fused Adam, clipping, dropout
     # AdamW, augmentation, TTA, the best kept, the moving average of the weights
     ("ressenet-8epoch", dict(epochs=3, batch_size=256, keep_best=True, ema=0.9)),
+    ("ressenet-8epoch", dict(epochs=3, batch_size=256, clean_epochs=1)),  # resumed before the clean epoch
 ])
 def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_ends(recipe, overrides, mnist, tmp_path):
     data = small_split(mnist)
