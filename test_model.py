@@ -1,6 +1,6 @@
 """Tests on the real MNIST data: shapes and sizes on random tensors, then real training with real thresholds.
 
-    pytest                  # everything but the browser: 106 tests in 4½–9 minutes on 2 CPU cores
+    pytest                  # everything but the browser: 109 tests in 4½–9 minutes on 2 CPU cores
     pytest -m "not slow"    # skip the full training runs
     pytest -m browser       # the drawing page in a real headless Chromium: 4 tests in 2–3 minutes
 
