@@ -864,11 +864,11 @@ def test_clean_epochs_train_the_last_epochs_without_augmentation(mnist, monkeypa
     calls = []
     augment = data_file.random_shift_rotate
     monkeypatch.setattr(data_file, "random_shift_rotate", lambda *a, **k: calls.append(1) or augment(*a, **k))
-    per_epoch = []
+    per_epoch, data = [], small_split(mnist)
     config = model_train.recipe_config("ressenet-8epoch", epochs=3, batch_size=256, clean_epochs=2, data_dir=DATA_DIR)
-    model_train.train(config, log=lambda *a: None, progress=False, data=small_split(mnist),
+    model_train.train(config, log=lambda *a: None, progress=False, data=data,
                       on_epoch=lambda state: per_epoch.append(len(calls)))
-    steps = data_file.num_batches(1536, 256)
+    steps = data_file.num_batches(len(data["train"][1]), config.batch_size)
     assert per_epoch == [steps, steps, steps]  # augmented in epoch 1 only: the last 2 of 3 on the digits as they are
 
 
