@@ -254,6 +254,79 @@ def random_restyle(images, generator, fraction=0.5):
     return torch.where(change.to(images.device)[:, None, None, None], (out - MEAN) / STD, images)  # the rest as given
 
 
+DIGIT_VARIANTS = ("1 with a flag (and, half the time, a foot)", "block 1", "block 1 with a flag",
+                  "9 with its tail curled back to the left")
+
+
+def _stroke(h, w, start, end, radius):
+    """Soft ink (N, H, W) of one straight pen stroke per image from `start` to `end` ((N, 2) as x, y in pixels),
+    `radius` (N,) pixels either side of its centre line, its edge anti-aliased over one pixel."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=start.device),
+                            torch.arange(w, dtype=torch.float32, device=start.device), indexing="ij")
+    pixels = torch.stack([xs, ys], -1)                                # (H, W, 2)
+    a, ab = start[:, None, None], (end - start)[:, None, None]         # (N, 1, 1, 2)
+    t = (((pixels - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp(min=1e-6)).clamp(0, 1)  # nearest point's place
+    distance = (pixels - (a + t[..., None] * ab)).norm(dim=-1)        # (N, H, W)
+    return (radius[:, None, None] + 0.5 - distance).clamp(0, 1)
+
+
+def random_digit_variants(images, labels, generator, fraction=0.5):
+    """A `fraction` of the 1s and of the 9s drawn in a form other writers use and MNIST's rarely do (one of
+    DIGIT_VARIANTS each, drawn from `generator`); every other digit as given.
+
+    MNIST's writers draw the 1 as a bare thin stroke and the 9's tail straight down. Other writers' 1s carry a
+    flag at the top and a foot (the continental 1) or are solid bars, and their 9s curl the tail back under the
+    loop; networks trained on MNIST read those as 7, 8 and 3. Here the flag is a stroke from the top of the 1,
+    25-45% of its height long, 30-60 degrees below the horizontal to the left; the foot a horizontal stroke
+    across its bottom; the bar the stroke widened to 5 or 7 pixels; the curled tail a stroke from the bottom
+    of the 9, 25-45% of its height long, 10-45 degrees above the horizontal to the left. Each changed digit is
+    rescaled to a maximum ink of 1, as random_restyle's are."""
+    n, _, h, w = images.shape
+    device = images.device
+    # Eight draws for every digit, used or not: the stream does not depend on the batch's labels.
+    pick, form, length, angle, radius, foot, foot_length, width = \
+        torch.rand(n, 8, generator=generator).to(device).unbind(1)
+    ones, nines = (labels == 1) & (pick < fraction), (labels == 9) & (pick < fraction)
+    ink = images[:, 0] * STD + MEAN                                   # (N, H, W) in [0, 1], background 0
+    # Where the stroke starts and ends: the top and bottom rows of ink above 0.5, at their mean column.
+    on = ink > 0.5
+    rows, cols = torch.arange(h, device=device), torch.arange(w, dtype=torch.float32, device=device)
+    top = torch.where(on.any(2), rows, h - 1).amin(1)
+    bottom = torch.where(on.any(2), rows, 0).amax(1)
+    everyone = torch.arange(n, device=device)
+
+    def mean_column(row):
+        inked = on[everyone, row].float()                             # (N, W)
+        return (inked * cols).sum(1) / inked.sum(1).clamp(min=1)
+
+    top_end = torch.stack([mean_column(top), top.float()], -1)        # (N, 2) as x, y
+    bottom_end = torch.stack([mean_column(bottom), bottom.float()], -1)
+    height = (bottom - top).float().clamp(min=0)
+    radius = 0.8 + 0.6 * radius
+    reach = height * (0.25 + 0.2 * length)                             # the flag's and the tail's length
+    down, up = torch.deg2rad(30 + 30 * angle), torch.deg2rad(10 + 35 * angle)
+    flag = _stroke(h, w, top_end, top_end + torch.stack([-reach * torch.cos(down), reach * torch.sin(down)], -1),
+                   radius)
+    half_foot = (height * (0.15 + 0.15 * foot_length))[:, None] * torch.tensor([1.0, 0.0], device=device)
+    flagged = torch.maximum(ink, flag)
+    flagged = torch.where((foot < 0.5)[:, None, None],
+                          torch.maximum(flagged, _stroke(h, w, bottom_end - half_foot, bottom_end + half_foot,
+                                                         radius)), flagged)
+
+    def widened(x):  # a 1 drawn as a bar: its stroke 5 or 7 pixels wide
+        return torch.where((width < 0.5)[:, None, None], F.max_pool2d(x[:, None], (1, 5), 1, (0, 2))[:, 0],
+                           F.max_pool2d(x[:, None], (1, 7), 1, (0, 3))[:, 0])
+
+    one = torch.where((form < 1 / 3)[:, None, None], flagged,
+                      torch.where((form < 2 / 3)[:, None, None], widened(ink), widened(flagged)))
+    tail = _stroke(h, w, bottom_end, bottom_end + torch.stack([-reach * torch.cos(up), -reach * torch.sin(up)], -1),
+                   radius)
+    out = torch.where(ones[:, None, None], one, torch.where(nines[:, None, None], torch.maximum(ink, tail), ink))
+    out = out / out.amax((1, 2), keepdim=True).clamp(min=1e-6)
+    changed = (ones | nines)[:, None, None, None]
+    return torch.where(changed, ((out - MEAN) / STD)[:, None], images)
+
+
 def read_gray(path, name=None, max_pixels=None):
     """An image file (a path, or a binary file object named `name` in messages) as float32 (H, W) in [0, 1]:
     transparency composited on white, 16-bit scaled down. With max_pixels, a larger image is refused from its

@@ -108,6 +108,9 @@ def build_parser(recipe, defaults=True):
     p.add_argument("--restyle", type=fraction_or_zero,
                    help="augmentation: fraction of training digits given another writer's look (thicker, coarse "
                         "or blurred strokes)")
+    p.add_argument("--digit-variants", type=fraction_or_zero,
+                   help="augmentation: fraction of the 1s and 9s drawn as other writers draw them (flagged or block "
+                        "1s, 9s with a curled tail)")
     p.add_argument("--clean-epochs", type=non_negative_int,
                    help="train the last N epochs on the digits as they are, without the augmentation above")
     p.add_argument("--label-smoothing", type=fraction_or_zero, help="label smoothing of the training loss")

@@ -362,12 +362,34 @@ def test_restyle_gives_a_fraction_of_digits_another_writers_look(mnist):
     ink = out * data_file.STD + data_file.MEAN
     torch.testing.assert_close(ink[changed].amax((1, 2, 3)), torch.ones(int(changed.sum())))  # max ink 1
     assert (ink[changed] > 0.5).sum() > (x[changed] * data_file.STD + data_file.MEAN > 0.5).sum()  # thicker ink
-    # The recipe's augmentation draws restyles first, then shifts and rotations, from the one generator.
-    config = model_train.Config(restyle=0.5, shift=2.0, rotate=10.0)
-    composed = model_train.augmentation(config, torch.Generator().manual_seed(3))(x)
+    # The recipe's augmentation draws the digit variants first, then restyles, then shifts and rotations, from
+    # the one generator.
+    y = mnist["test"][1][:64]
+    config = model_train.Config(digit_variants=0.5, restyle=0.5, shift=2.0, rotate=10.0)
+    composed = model_train.augmentation(config, torch.Generator().manual_seed(3))(x, y)
     g = torch.Generator().manual_seed(3)
-    expected = data_file.random_shift_rotate(data_file.random_restyle(x, g, 0.5), g, 2.0, 10.0)
+    expected = data_file.random_shift_rotate(
+        data_file.random_restyle(data_file.random_digit_variants(x, y, g, 0.5), g, 0.5), g, 2.0, 10.0)
     assert torch.equal(composed, expected)
+
+
+def test_digit_variants_redraw_only_a_fraction_of_the_1s_and_9s(mnist):
+    x, y = mnist["test"][0][:2000], mnist["test"][1][:2000]
+    assert torch.equal(data_file.random_digit_variants(x, y, torch.Generator().manual_seed(0), 0.0), x)
+    out = data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5)
+    assert torch.equal(out, data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5))
+    changed = (out - x).abs().amax((1, 2, 3)) > 1e-4
+    eligible = (y == 1) | (y == 9)
+    assert not changed[~eligible].any()  # no other digit is touched
+    for digit in (1, 9):
+        share = changed[y == digit].float().mean()
+        assert 0.4 < share < 0.6, (digit, share)  # about half of each
+    ink = lambda images: (images * data_file.STD + data_file.MEAN > 0.5).sum((1, 2, 3))
+    assert (ink(out[changed]) > ink(x[changed])).all()  # a flag, a foot, a wider bar or a tail: always more ink
+    # The same draws whatever the labels: the generator's stream does not depend on how many 1s a batch holds.
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    data_file.random_digit_variants(x, y, g1, 0.5), data_file.random_digit_variants(x, torch.zeros_like(y), g2, 0.5)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
 def test_tta_averages_the_image_and_its_four_one_pixel_shifts():
