@@ -254,10 +254,6 @@ def random_restyle(images, generator, fraction=0.5):
     return torch.where(change.to(images.device)[:, None, None, None], (out - MEAN) / STD, images)  # the rest as given
 
 
-DIGIT_VARIANTS = ("1 with a flag (and, half the time, a foot)", "block 1", "block 1 with a flag",
-                  "9 with its tail curled back to the left")
-
-
 def _stroke(h, w, start, end, radius):
     """Soft ink (N, H, W) of one straight pen stroke per image from `start` to `end` ((N, 2) as x, y in pixels),
     `radius` (N,) pixels either side of its centre line, its edge anti-aliased over one pixel."""
@@ -271,16 +267,17 @@ def _stroke(h, w, start, end, radius):
 
 
 def random_digit_variants(images, labels, generator, fraction=0.5):
-    """A `fraction` of the 1s and of the 9s drawn in a form other writers use and MNIST's rarely do (one of
-    DIGIT_VARIANTS each, drawn from `generator`); every other digit as given.
+    """A `fraction` of the 1s and of the 9s drawn in a form other writers use and MNIST's rarely do, drawn from
+    `generator`: a 1 with a flag (half of those with a foot too), a block 1, or a block 1 with a flag, each a
+    third of the time; a 9 with its tail curled back to the left. Every other digit as given.
 
-    MNIST's writers draw the 1 as a bare thin stroke and the 9's tail straight down. Other writers' 1s carry a
-    flag at the top and a foot (the continental 1) or are solid bars, and their 9s curl the tail back under the
-    loop; networks trained on MNIST read those as 7, 8 and 3. Here the flag is a stroke from the top of the 1,
-    25-45% of its height long, 30-60 degrees below the horizontal to the left; the foot a horizontal stroke
-    across its bottom; the bar the stroke widened to 5 or 7 pixels; the curled tail a stroke from the bottom
-    of the 9, 25-45% of its height long, 10-45 degrees above the horizontal to the left. Each changed digit is
-    rescaled to a maximum ink of 1, as random_restyle's are."""
+    MNIST's writers mostly draw the 1 as a bare thin stroke and the 9's tail straight down. Other writers' 1s
+    carry a flag at the top and a foot (the continental 1) or are solid bars, and their 9s curl the tail back
+    under the loop; networks trained on MNIST read those as 7, 8 and 3. Here the flag is a stroke from the top of
+    the 1, 25-45% of its height long, 30-60 degrees below the horizontal to the left; the foot a horizontal
+    stroke across its bottom; the bar the stroke widened to 5 or 7 pixels; the curled tail a stroke from the
+    bottom of the 9, 25-45% of its height long, 10-45 degrees above the horizontal to the left. Each changed
+    digit is rescaled to a maximum ink of 1, as random_restyle's are."""
     n, _, h, w = images.shape
     device = images.device
     # Eight draws for every digit, used or not: the stream does not depend on the batch's labels.
