@@ -386,9 +386,9 @@ def digit_from_image(path, name=None, max_pixels=None):
     return ((canvas - MEAN) / STD)[None]
 
 
-# Handwriting that is not MNIST's: the UCI optical-recognition digits that scikit-learn ships (1,797 digits by 43
-# writers, 32x32 bitmaps counted down to 8x8 cells of 0-16), written as PNG files the ways a user's scan or
-# photo arrives: (ink, side in pixels, interpolation).
+# Handwriting that is not MNIST's: the UCI optical-recognition digits that scikit-learn ships (its test set:
+# 1,797 digits by 13 writers, 32x32 bitmaps counted down to 8x8 cells of 0-16), written as PNG files the ways a
+# user's scan or photo arrives: (ink, side in pixels, interpolation).
 UCI_FORMS = {
     "dark on light, 64 px, bilinear": ("dark", 64, Image.BILINEAR),
     "dark on light, 64 px, nearest": ("dark", 64, Image.NEAREST),
