@@ -284,19 +284,25 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     pick, form, length, angle, radius, foot, foot_length, width = \
         torch.rand(n, 8, generator=generator).to(device).unbind(1)
     ones, nines = (labels == 1) & (pick < fraction), (labels == 9) & (pick < fraction)
-    ink = images[:, 0] * STD + MEAN                                   # (N, H, W) in [0, 1], background 0
+    chosen = (ones | nines).nonzero()[:, 0]  # only these are drawn on: about a tenth of a batch at fraction 0.5
+    if len(chosen) == 0:
+        return images
+    ones = ones[chosen]
+    form, length, angle, radius, foot, foot_length, width = \
+        (v[chosen] for v in (form, length, angle, radius, foot, foot_length, width))
+    ink = images[chosen, 0] * STD + MEAN                              # (K, H, W) in [0, 1], background 0
     # Where the stroke starts and ends: the top and bottom rows of ink above 0.5, at their mean column.
     on = ink > 0.5
     rows, cols = torch.arange(h, device=device), torch.arange(w, dtype=torch.float32, device=device)
     top = torch.where(on.any(2), rows, h - 1).amin(1)
     bottom = torch.where(on.any(2), rows, 0).amax(1)
-    everyone = torch.arange(n, device=device)
+    everyone = torch.arange(len(chosen), device=device)
 
     def mean_column(row):
-        inked = on[everyone, row].float()                             # (N, W)
+        inked = on[everyone, row].float()                             # (K, W)
         return (inked * cols).sum(1) / inked.sum(1).clamp(min=1)
 
-    top_end = torch.stack([mean_column(top), top.float()], -1)        # (N, 2) as x, y
+    top_end = torch.stack([mean_column(top), top.float()], -1)        # (K, 2) as x, y
     bottom_end = torch.stack([mean_column(bottom), bottom.float()], -1)
     height = (bottom - top).float().clamp(min=0)
     radius = 0.8 + 0.6 * radius
@@ -318,10 +324,11 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
                       torch.where((form < 2 / 3)[:, None, None], widened(ink), widened(flagged)))
     tail = _stroke(h, w, bottom_end, bottom_end + torch.stack([-reach * torch.cos(up), -reach * torch.sin(up)], -1),
                    radius)
-    out = torch.where(ones[:, None, None], one, torch.where(nines[:, None, None], torch.maximum(ink, tail), ink))
+    out = torch.where(ones[:, None, None], one, torch.maximum(ink, tail))  # (K, H, W): each chosen digit is a 1 or a 9
     out = out / out.amax((1, 2), keepdim=True).clamp(min=1e-6)
-    changed = (ones | nines)[:, None, None, None]
-    return torch.where(changed, ((out - MEAN) / STD)[:, None], images)
+    images = images.clone()
+    images[chosen] = ((out - MEAN) / STD)[:, None]
+    return images
 
 
 def read_gray(path, name=None, max_pixels=None):
