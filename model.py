@@ -6,7 +6,6 @@
     ressenet-small  the same built from depthwise-separable convolutions, widths 16-24-32, whole image: 7,864
     ressenet-tiny   the same with widths 16-20-24: 5,533 parameters
     ressenet-micro  widths 10-16-18 on the central 24x24, the stem pooled first: 3,482 parameters
-    resnet-micro    `ressenet-micro` with widths 16-16-16 and no attention: 3,370 parameters
     ressenet-wide   `ressenet` with widths 16-16-16 on the central 24x24: 14,658 parameters (one epoch; 30 epochs)
     ressenet-wide22 `ressenet-wide` on the central 22x22 (maps 11x11 and 5x5): the one-epoch race's network
     cnn-215k        the best-known public "99% in one epoch" network, 215,194 parameters: benchmark.py races it
@@ -84,15 +83,15 @@ class SeparableConvBN(nn.Sequential):
 
 class ResidualBlock(nn.Module):
     """x + SE(BN(conv(ReLU(BN(conv(x)))))), then ReLU: two 3x3 convs (or separable ones) around an identity
-    shortcut; with attention=False the SE gate is left out."""
+    shortcut."""
 
-    def __init__(self, channels, reduction=4, separable=False, attention=True):
+    def __init__(self, channels, reduction=4, separable=False):
         super().__init__()
         self.conv1 = (SeparableConvBN if separable else ConvBN)(channels, channels)
         self.conv2 = (separable_conv(channels, channels) if separable
                       else nn.Conv2d(channels, channels, 3, padding=1, bias=False))
         self.bn2 = nn.BatchNorm2d(channels)
-        self.attention = SqueezeExcite(channels, reduction) if attention else nn.Identity()
+        self.attention = SqueezeExcite(channels, reduction)
 
     def forward(self, x):
         residual = self.attention(self.bn2(self.conv2(self.conv1(x))))
@@ -119,13 +118,10 @@ class ResSENet(nn.Module):
     stem_pool_first: pool the stem's convolution before its BatchNorm and ReLU (faster, see ConvBN).
     separable: every convolution after the first is depthwise-separable (SeparableConvBN), and the stem gets one
         more at full resolution: more computation for the same parameters, for the small networks.
-    attention: the squeeze-and-excitation gates. At 3,500 parameters they cost 312 that buy more as width
-        (`resnet-micro` against `ressenet-micro`: docs/experiments.md).
     `ressenet` reaches 99.5% test accuracy with test-time augmentation in 8 epochs (README).
     """
 
-    def __init__(self, widths=(8, 16, 16), dropout=0.1, stem_pool_first=True, crop=22, separable=False,
-                 attention=True):
+    def __init__(self, widths=(8, 16, 16), dropout=0.1, stem_pool_first=True, crop=22, separable=False):
         super().__init__()
         c1, c2, c3 = widths
         conv = SeparableConvBN if separable else ConvBN
@@ -136,9 +132,9 @@ class ResSENet(nn.Module):
             self.stem = nn.Sequential(self.stem, SeparableConvBN(c1, c1))
         self.pool = nn.MaxPool2d(2)
         self.layer1 = conv(c1, c2)
-        self.res1 = ResidualBlock(c2, separable=separable, attention=attention)
+        self.res1 = ResidualBlock(c2, separable=separable)
         self.layer2 = conv(c2, c3)
-        self.res2 = ResidualBlock(c3, separable=separable, attention=attention)
+        self.res2 = ResidualBlock(c3, separable=separable)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(c3, 10)
@@ -182,7 +178,6 @@ MODELS = {
     "ressenet-small": functools.partial(ResSENet, widths=(16, 24, 32), stem_pool_first=False, crop=28, separable=True),
     "ressenet-tiny": functools.partial(ResSENet, widths=(16, 20, 24), stem_pool_first=False, crop=28, separable=True),
     "ressenet-micro": functools.partial(ResSENet, widths=(10, 16, 18), crop=24, separable=True),
-    "resnet-micro": functools.partial(ResSENet, widths=(16, 16, 16), crop=24, separable=True, attention=False),
     "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=24),
     "ressenet-wide22": functools.partial(ResSENet, widths=(16, 16, 16), crop=22),
     "cnn-215k": CNN215k,

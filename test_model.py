@@ -101,7 +101,7 @@ def test_the_public_one_epoch_network_has_215194_parameters():
 
 # The sizes the README's network table states; a change to a network shows up here first.
 NETWORK_SIZES = {"net": 13_242, "ressenet": 13_418, "ressenet-small": 7_864, "ressenet-tiny": 5_533,
-                 "ressenet-micro": 3_482, "resnet-micro": 3_370, "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "cnn-215k": 215_194}
+                 "ressenet-micro": 3_482, "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "cnn-215k": 215_194}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -149,15 +149,6 @@ def test_seed2_networks_have_every_component_within_their_parameter_budget(name,
     with torch.no_grad():
         cut_residual(shortcut_only)
         assert not torch.allclose(shortcut_only(x), shortcut_only(torch.randn(4, 1, 28, 28)))
-
-
-def test_resnet_micro_is_ressenet_micro_without_its_attention_at_widths_of_16():
-    net, gated = build_model("resnet-micro").eval(), build_model("ressenet-micro").eval()
-    assert not any(isinstance(m, SqueezeExcite) for m in net.modules())
-    # The same layers otherwise, each BatchNorm 16 channels wide (torch's fast width on channels-last).
-    assert list(net.state_dict()) == [k for k in gated.state_dict() if ".attention." not in k]
-    assert [m.num_features for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)] == [16] * 8
-    assert count_parameters(net) <= 3_500
 
 
 def test_seed2_network_sees_only_the_central_22x22():
