@@ -281,15 +281,13 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     n, _, h, w = images.shape
     device = images.device
     # Eight draws for every digit, used or not: the stream does not depend on the batch's labels.
-    pick, form, length, angle, radius, foot, foot_length, width = \
-        torch.rand(n, 8, generator=generator).to(device).unbind(1)
-    ones, nines = (labels == 1) & (pick < fraction), (labels == 9) & (pick < fraction)
+    draws = torch.rand(n, 8, generator=generator).to(device)
+    ones, nines = (labels == 1) & (draws[:, 0] < fraction), (labels == 9) & (draws[:, 0] < fraction)
     chosen = (ones | nines).nonzero()[:, 0]  # only these are drawn on: about a tenth of a batch at fraction 0.5
     if len(chosen) == 0:
         return images
     ones = ones[chosen]
-    form, length, angle, radius, foot, foot_length, width = \
-        (v[chosen] for v in (form, length, angle, radius, foot, foot_length, width))
+    form, length, angle, radius, foot, foot_length, width = draws[chosen, 1:].unbind(1)
     ink = images[chosen, 0] * STD + MEAN                              # (K, H, W) in [0, 1], background 0
     # Where the stroke starts and ends: the top and bottom rows of ink above 0.5, at their mean column.
     on = ink > 0.5
