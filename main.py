@@ -105,6 +105,9 @@ def build_parser(recipe, defaults=True):
     p.add_argument("--rotate", type=non_negative_float, help="augmentation: max random rotation in degrees")
     p.add_argument("--scale", type=fraction_or_zero,
                    help="augmentation: max relative change of size (0.1: each digit 90%% to 110%% of its size)")
+    p.add_argument("--elastic", type=non_negative_float,
+                   help="augmentation: bend each digit's strokes by a smooth random displacement of about this many "
+                        "pixels (0: none)")
     p.add_argument("--restyle", type=fraction_or_zero,
                    help="augmentation: fraction of training digits given another writer's look (thicker, coarse "
                         "or blurred strokes)")

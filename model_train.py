@@ -42,6 +42,7 @@ class Config:
     shift: float = 0.0             # augmentation: max random shift in pixels
     rotate: float = 0.0            # augmentation: max random rotation in degrees
     scale: float = 0.0             # augmentation: max relative change of size, e.g. 0.1: 90% to 110%
+    elastic: float = 0.0           # augmentation: smooth random bending of the strokes, about this many pixels
     restyle: float = 0.0           # augmentation: fraction of digits given another writer's look (data_file.RESTYLES)
     digit_variants: float = 0.0    # augmentation: fraction of 1s and 9s drawn as other writers draw them
     clean_epochs: int = 0          # the last N epochs train on the digits as they are, without augmentation
@@ -233,15 +234,16 @@ def setup_device(config):
 def augmentation(config, generator):
     """The config's training augmentation `augment(images, labels)` drawing from `generator`, or None: the 1s
     and 9s as other writers draw them (config.digit_variants), another writer's look (config.restyle), then
-    shifts, rotations and scaling."""
+    shifts, rotations, scaling and elastic bending."""
     steps = []
     if config.digit_variants:
         steps.append(lambda x, y: data_file.random_digit_variants(x, y, generator, config.digit_variants))
     if config.restyle:
         steps.append(lambda x, y: data_file.random_restyle(x, generator, config.restyle))
-    if config.shift or config.rotate or config.scale:
+    if config.shift or config.rotate or config.scale or config.elastic:
         steps.append(lambda x, y: data_file.random_shift_rotate(x, generator, max_shift=config.shift,
-                                                                max_degrees=config.rotate, max_scale=config.scale))
+                                                                max_degrees=config.rotate, max_scale=config.scale,
+                                                                elastic=config.elastic))
     if not steps:
         return None
 

@@ -351,6 +351,21 @@ def test_scale_augmentation_grows_and_shrinks_digits_and_draws_only_when_asked_f
     assert ink.min() < 64 < ink.max()  # some shrunk, some grown, from the 8x8 square's 64 pixels
 
 
+def test_elastic_augmentation_bends_each_image_smoothly_by_about_the_pixels_asked_for():
+    # An image whose value is its pixel's column: what lands at a pixel says which column it was taken from.
+    ramp = torch.arange(28, dtype=torch.float32).expand(256, 1, 28, 28).clone()
+    out = data_file.random_shift_rotate(ramp, torch.Generator().manual_seed(0), 0.0, 0.0, elastic=1.0)
+    moved = (out - ramp)[..., 4:24, 4:24]  # away from the border, which repeats the edge
+    assert 0.5 < moved.std() < 1.0 and moved.abs().amax() < 5  # about a pixel, a few at most
+    assert (moved.std((1, 2, 3)) > 0.1).all()  # every image bent, each its own way
+    assert not torch.equal(moved[0], moved[1])
+    # Neighbours move together (by under a pixel per pixel): strokes bend, they do not tear or fold.
+    assert moved.diff(dim=-1).abs().amax() < 1 and moved.diff(dim=-2).abs().amax() < 1
+    # With elastic=0 nothing is drawn for it: test_scale_augmentation... checks the generator's state.
+    same = data_file.random_shift_rotate(ramp, torch.Generator().manual_seed(0), 0.0, 0.0, elastic=0.0)
+    torch.testing.assert_close(same, ramp)
+
+
 def test_restyle_gives_a_fraction_of_digits_another_writers_look(mnist):
     x = mnist["test"][0][:64]
     assert torch.equal(data_file.random_restyle(x, torch.Generator().manual_seed(0), fraction=0.0), x)
