@@ -112,7 +112,7 @@ RECIPES["ressenet-micro-lr03-40epoch"] = dict(RECIPES["ressenet-micro-40epoch"],
 # epochs 99.35 / 99.34), then 99.50% on the test set (99.497% unrounded) against 99.45%.
 RECIPES["ressenet-micro-clean-40epoch"] = dict(RECIPES["ressenet-micro-40epoch"], clean_epochs=4)
 # The same with the strokes bent by ~0.75 pixels (elastic distortion): 99.40% on validation against 99.34% (seeds 1-3,
-# ahead on each; 1.5 pixels as far ahead on seed 1).
+# ahead on each), then 99.50% on the test set (29,850 of 30,000 images) against 99.497%.
 RECIPES["ressenet-micro-elastic-40epoch"] = dict(RECIPES["ressenet-micro-clean-40epoch"], elastic=0.75)
 # The training the <20k reference used, on our network: SGD at a constant 0.05 with momentum 0.9, batch 128,
 # 19 epochs, a 50k/10k split; nothing else (no augmentation, label smoothing, weight decay or clipping).
