@@ -206,8 +206,7 @@ def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0, max_s
     """Each image moved by up to `max_shift` pixels along each axis, turned by up to `max_degrees` and, with
     max_scale, scaled by a factor in [1 - max_scale, 1 + max_scale], all drawn per sample from `generator`;
     with `elastic`, also bent by a smooth random displacement of about that many pixels (elastic distortion,
-    Simard et al. 2003: how one writer's strokes differ from another's). One batched grid_sample, on the
-    images' device.
+    Simard et al. 2003). One batched grid_sample, on the images' device.
 
     Borders repeat the edge pixels, which in MNIST are background, so shifted-in areas stay black.
     """
@@ -227,8 +226,8 @@ def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0, max_s
     ys = ((torch.arange(h, device=images.device) * 2 + 1) / h - 1)[:, None]  # (H, 1)
     grid = torch.stack([cos * xs - sin * ys + dx, sin * xs + cos * ys + dy], dim=-1)  # (N, H, W, 2)
     if elastic:  # drawn only when asked for, as the scaling is
-        # Gaussian noise at the nodes of a coarse 4x4 grid (a node every ~9 pixels, about a stroke's bend),
-        # interpolated bicubically: neighbouring pixels move together, so strokes bend and do not tear.
+        # Gaussian noise at the nodes of a coarse 4x4 grid (~9 pixels apart), interpolated bicubically:
+        # neighbouring pixels move together, so strokes bend and do not tear.
         noise = torch.randn(n, 2, ELASTIC_NODES, ELASTIC_NODES, generator=generator) * elastic  # pixels
         move = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=True)  # (N, 2, H, W) as x, y
         grid = grid + (move.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h])).to(images.device)

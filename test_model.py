@@ -355,7 +355,7 @@ def test_elastic_augmentation_bends_each_image_smoothly_by_about_the_pixels_aske
     # An image whose value is its pixel's column: what lands at a pixel says which column it was taken from.
     ramp = torch.arange(28, dtype=torch.float32).expand(256, 1, 28, 28).clone()
     out = data_file.random_shift_rotate(ramp, torch.Generator().manual_seed(0), 0.0, 0.0, elastic=1.0)
-    moved = (out - ramp)[..., 4:24, 4:24]  # away from the border, which repeats the edge
+    moved = (out - ramp)[..., 4:24, 4:24]  # sideways moves, away from the border (which repeats the edge)
     assert 0.5 < moved.std() < 1.0 and moved.abs().amax() < 5  # about a pixel, a few at most
     assert (moved.std((1, 2, 3)) > 0.1).all()  # every image bent, each its own way
     assert not torch.equal(moved[0], moved[1])
