@@ -228,9 +228,10 @@ def random_shift_rotate(images, generator, max_shift=2.0, max_degrees=0.0, max_s
     if elastic:  # drawn only when asked for, as the scaling is
         # Gaussian noise at the nodes of a coarse 4x4 grid (~9 pixels apart), interpolated bicubically:
         # neighbouring pixels move together, so strokes bend and do not tear.
-        noise = torch.randn(n, 2, ELASTIC_NODES, ELASTIC_NODES, generator=generator) * elastic  # pixels
-        move = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=True)  # (N, 2, H, W) as x, y
-        grid = grid + (move.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h])).to(images.device)
+        # The nodes go to the images' device before they are spread over the pixels: 16 values per image, not 784.
+        noise = (torch.randn(n, 2, ELASTIC_NODES, ELASTIC_NODES, generator=generator) * elastic).to(images.device)
+        move = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=True)  # (N, 2, H, W) pixels, as x, y
+        grid = grid + move.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h], device=images.device)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
