@@ -8,6 +8,7 @@
     ressenet-micro  widths 10-16-18 on the central 24x24, the stem pooled first: 3,482 parameters
     ressenet-wide   `ressenet` with widths 16-16-16 on the central 24x24: 14,658 parameters (one epoch; 30 epochs)
     ressenet-wide22 `ressenet-wide` on the central 22x22 (maps 11x11 and 5x5): the one-epoch race's network
+    shared-nano     one separable convolution applied five times at 14x14 (each with its own BatchNorm): 978
     cnn-215k        the best-known public "99% in one epoch" network, 215,194 parameters: benchmark.py races it
 
 Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size. What each
@@ -152,6 +153,35 @@ class ResSENet(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
+class SharedConvNet(nn.Module):
+    """Depth from one set of weights, for the smallest budgets: a conv stem pooled to 14x14, a separable
+    expansion to `width` channels, then ONE separable width->width convolution applied `repeats` times, each
+    application with its own BatchNorm and a residual around it; global average pooling, FC to 10.
+
+    The shared convolution costs its 400 weights once and each further application only a BatchNorm's 32, so
+    `shared-nano` is five layers deep at 14x14 in 978 parameters. Its running train accuracy sits level with
+    validation (98.8%): at this size capacity, not training, holds it back (docs/experiments.md).
+    """
+
+    def __init__(self, stem=6, width=16, repeats=5, dropout=0.0):
+        super().__init__()
+        self.stem = ConvBN(1, stem, pool=True)
+        self.expand = SeparableConvBN(stem, width)
+        self.shared = separable_conv(width, width)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(repeats))
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):                      # (B, 1, 28, 28)
+        x = self.expand(self.stem(x))          # (B, width, 14, 14)
+        for norm in self.norms:                # the same convolution each time, its own BatchNorm
+            x = F.relu(x + norm(self.shared(x)))  # (B, width, 14, 14)
+        x = torch.flatten(self.gap(x), 1)      # (B, width)
+        x = self.fc(self.dropout(x))           # (B, 10)
+        return F.log_softmax(x, dim=1)
+
+
 class CNN215k(nn.Module):
     """The public one-epoch speed network: conv 1->24 (5x5), max-pool, ReLU, conv 24->32 (3x3), max-pool, ReLU,
     FC 800->256->10 (624 + 6,944 + 205,056 + 2,570 = 215,194 parameters). Its recipe is benchmark.py's."""
@@ -180,6 +210,7 @@ MODELS = {
     "ressenet-micro": functools.partial(ResSENet, widths=(10, 16, 18), crop=24, separable=True),
     "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=24),
     "ressenet-wide22": functools.partial(ResSENet, widths=(16, 16, 16), crop=22),
+    "shared-nano": SharedConvNet,
     "cnn-215k": CNN215k,
 }
 
