@@ -101,7 +101,8 @@ def test_the_public_one_epoch_network_has_215194_parameters():
 
 # The sizes the README's network table states; a change to a network shows up here first.
 NETWORK_SIZES = {"net": 13_242, "ressenet": 13_418, "ressenet-small": 7_864, "ressenet-tiny": 5_533,
-                 "ressenet-micro": 3_482, "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "cnn-215k": 215_194}
+                 "ressenet-micro": 3_482, "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "shared-nano": 978,
+                 "cnn-215k": 215_194}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -149,6 +150,23 @@ def test_seed2_networks_have_every_component_within_their_parameter_budget(name,
     with torch.no_grad():
         cut_residual(shortcut_only)
         assert not torch.allclose(shortcut_only(x), shortcut_only(torch.randn(4, 1, 28, 28)))
+
+
+def test_shared_nano_is_five_layers_deep_from_one_convolution_within_1000_parameters():
+    model = build_model("shared-nano").eval()
+    assert count_parameters(model) <= 1_000
+    calls = []
+    model.shared.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        out = model(x)
+        assert calls == [(4, 16, 14, 14)] * 5  # the one convolution, applied five times at 14x14
+        # Each application has its own BatchNorm, and each carries signal: cutting one changes the output.
+        for i in range(len(model.norms)):
+            other = copy.deepcopy(model)
+            other.norms[i].weight.zero_()
+            other.norms[i].bias.zero_()
+            assert not torch.allclose(other(x), out)
 
 
 def test_seed2_network_sees_only_the_central_22x22():
