@@ -43,6 +43,7 @@ import model_train
 from model import build_model
 
 VARIANTS = ("dataloader", "memory", "fast")
+POSITIVE_INT = model_train.flag_type(int, "positive")
 def ressenet_loop(model="ressenet", batch_size=512, **model_kwargs):
     """(config, model_kwargs) of the ressenet-8epoch recipe's loop with another network or batch size."""
     return model_train.recipe_config("ressenet-8epoch", model=model, batch_size=batch_size), model_kwargs
@@ -160,7 +161,7 @@ def public_one_epoch(data, seed):
         optimizer.step()
         scheduler.step()
     seconds = time.perf_counter() - start
-    return seconds, model_train.evaluate(model, *data["test"])["acc"]
+    return seconds, model_train.measure(model, *data["test"])["acc"]
 
 
 def recipe_one_epoch(recipe, data, seed):
@@ -191,23 +192,16 @@ def race(args):
               f"({statistics.mean(accs):.2f})")
 
 
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
 def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race"), default="pipeline",
                    help="which variants to time (see the top of this file)")
-    p.add_argument("--steps", type=positive_int, default=2000,
+    p.add_argument("--steps", type=POSITIVE_INT, default=2000,
                    help="pipeline: training steps per variant and round")
-    p.add_argument("--images", type=positive_int, default=15_360,
+    p.add_argument("--images", type=POSITIVE_INT, default=15_360,
                    help="ressenet, small, one-epoch: training images per variant and round")
-    p.add_argument("--rounds", type=positive_int, default=3, help="rounds; the median is reported")
+    p.add_argument("--rounds", type=POSITIVE_INT, default=3, help="rounds; the median is reported")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="race: the seeds each variant runs")
     p.add_argument("--recipes", nargs="+", choices=sorted(model_train.RECIPES), default=list(RACE_RECIPES),

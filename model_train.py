@@ -4,8 +4,9 @@
 epoch, scores validation after each epoch and the test set once at the end, and returns (model, metrics). It
 prints through a `log` callback and writes nothing: the run folder is run_folder.py's job. After each epoch of
 a multi-epoch run it hands `on_epoch` everything a resumed run needs (`resume=`), which then ends bit for bit
-where the uninterrupted run would have. `evaluate_split` scores a trained network again, as training scored it.
+where the uninterrupted run would have. `rescore` scores a trained network again, as training scored it.
 """
+import argparse
 import copy
 import dataclasses
 import io
@@ -17,113 +18,157 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_file
-from model import build_model, count_parameters
+from model import MODELS, build_model, count_parameters
+
+DEVICES = ("auto", "cpu", "cuda", "mps", "xpu")
+
+
+def flag_type(kind, check):
+    """An argparse type: `kind` parsed, and refused with "must be <what>" unless CHECKS[check] passes it."""
+    test, what = CHECKS[check]
+
+    def parse(s):
+        v = kind(s)
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" messages
+    return parse
+
+
+# The validators of command-line values (a Config field names its own: setting(check=...)): (test, what it must be).
+CHECKS = {
+    "positive": (lambda v: 0 < v < math.inf, "a positive number"),
+    "non_negative": (lambda v: 0 <= v < math.inf, "0 or a positive number"),
+    "fraction": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "fraction_or_zero": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "val_size": (lambda v: 0 <= v < data_file.TRAIN_SIZE,
+                 f"0 or more, leaving training images (below {data_file.TRAIN_SIZE:,})"),
+    "seed": (lambda v: -2**63 <= v < 2**64, "an integer that fits in 64 bits"),
+    "port": (lambda v: 0 <= v < 65536, "a port number, 0 to 65535"),
+    "not_empty": (bool, "a name, not empty"),
+}
+
+
+def setting(default, help, check=None, choices=None, flags=None, cli=True):
+    """A Config field declared once: its default, its --help text, and how the command line reads it.
+
+    check names a validator in CHECKS; flags are the field's spellings (default: --field-name; a bool is --x and
+    --no-x); cli=False: the command line writes its own flag for it."""
+    return dataclasses.field(default=default, metadata=dict(help=help, check=check, choices=choices, flags=flags,
+                                                            cli=cli))
 
 
 @dataclasses.dataclass
 class Config:
-    """Every value one training run depends on; a recipe is a named set of them (RECIPES)."""
-    recipe: str = "net-1epoch"
-    model: str = "net"
-    dropout: float = 0.005
-    epochs: int = 1
-    batch_size: int = 10
-    test_batch_size: int = 1000
-    optimizer: str = "adam"        # adam (AdamW when weight_decay > 0) or sgd
-    momentum: float = 0.9          # sgd only
-    schedule: str = "onecycle"     # onecycle, or constant: max_lr throughout
-    max_lr: float = 0.005
-    pct_start: float = 0.1         # OneCycleLR: fraction of the steps spent warming up
-    div_factor: float = 1.0        # OneCycleLR: initial lr = max_lr / div_factor
-    final_div_factor: float = 10.0  # OneCycleLR: final lr = initial lr / final_div_factor
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0         # max gradient norm; 0: no clipping
-    val_size: int = 0              # images carved from the 60k training set for validation
-    shift: float = 0.0             # augmentation: max random shift in pixels
-    rotate: float = 0.0            # augmentation: max random rotation in degrees
-    scale: float = 0.0             # augmentation: max relative change of size, e.g. 0.1: 90% to 110%
-    elastic: float = 0.0           # augmentation: smooth random bending of the strokes, about this many pixels
-    restyle: float = 0.0           # augmentation: fraction of digits given another writer's look (data_file.RESTYLES)
-    digit_variants: float = 0.0    # augmentation: fraction of 1s and 9s drawn as other writers draw them
-    clean_epochs: int = 0          # the last N epochs train on the digits as they are, without augmentation
-    label_smoothing: float = 0.0
-    ema: float = 0.0               # decay per step of a moving average of the weights, scored and kept; 0: none
-    tta: bool = False              # also score validation and test with test-time augmentation
-    keep_best: bool = False        # keep the epoch with the best validation accuracy, not the last
-    seed: int = 1
-    exact: bool = False            # torch's default kernels instead of fused Adam and the CPU kernel choice
-    device: str = "auto"           # auto (torch's current accelerator, else the CPU), cpu, cuda, mps or xpu
-    dry_run: bool = False          # one epoch of five batches and one evaluation batch per split
-    data_dir: str = "./data"
+    """Every value one training run depends on; a recipe is a named set of them (RECIPES). Each field is also
+    the command-line flag of the same name (main.py builds the parser from these fields)."""
+    recipe: str = setting("net-1epoch", "the recipe these values started from", cli=False)
+    model: str = setting("net", "network to train", choices=tuple(sorted(MODELS)))
+    dropout: float = setting(0.005, "dropout probability of the network", "fraction_or_zero")
+    epochs: int = setting(1, "number of epochs", "positive")
+    batch_size: int = setting(10, "training batch size", "positive")
+    test_batch_size: int = setting(1000, "evaluation batch size", "positive")
+    optimizer: str = setting("adam", "adam (AdamW with --weight-decay) or sgd", choices=("adam", "sgd"))
+    momentum: float = setting(0.9, "SGD momentum", "non_negative")
+    schedule: str = setting("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
+    max_lr: float = setting(0.005, "OneCycleLR peak learning rate (the rate itself with --schedule constant)",
+                            "positive", flags=("--max-lr", "--lr"))
+    pct_start: float = setting(0.1, "OneCycleLR fraction of steps spent warming up", "fraction")
+    div_factor: float = setting(1.0, "OneCycleLR: initial lr = max-lr / div-factor", "positive")
+    final_div_factor: float = setting(10.0, "OneCycleLR: final lr = initial lr / final-div-factor", "positive")
+    weight_decay: float = setting(0.0, "weight decay", "non_negative")
+    clip_grad: float = setting(1.0, "max gradient norm (0: no clipping)", "non_negative")
+    val_size: int = setting(0, "images carved from the 60k training set for validation (0: none)", "val_size")
+    shift: float = setting(0.0, "augmentation: max random shift in pixels (0: none)", "non_negative")
+    rotate: float = setting(0.0, "augmentation: max random rotation in degrees", "non_negative")
+    scale: float = setting(0.0, "augmentation: max relative change of size (0.1: each digit 90% to 110% of its "
+                                "size)", "fraction_or_zero")
+    elastic: float = setting(0.0, "augmentation: bend each digit's strokes by a smooth random displacement of "
+                                  "about this many pixels (0: none)", "non_negative")
+    restyle: float = setting(0.0, "augmentation: fraction of training digits given another writer's look "
+                                  "(thicker, coarse or blurred strokes)", "fraction_or_zero")
+    digit_variants: float = setting(0.0, "augmentation: fraction of the 1s and 9s drawn as other writers draw "
+                                         "them (flagged or block 1s, 9s with a curled tail)", "fraction_or_zero")
+    clean_epochs: int = setting(0, "train the last N epochs on the digits as they are, without the augmentation "
+                                   "above", "non_negative")
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss", "fraction_or_zero")
+    ema: float = setting(0.0, "score and keep a moving average of the weights, with this decay per step "
+                              "(0: the weights)", "fraction_or_zero")
+    tta: bool = setting(False, "also score validation and test (and predict) on the softmax averaged over the "
+                               "image and its four one-pixel shifts")
+    keep_best: bool = setting(False, "keep the epoch with the best validation accuracy instead of the last one")
+    seed: int = setting(1, "random seed", "seed")
+    exact: bool = setting(False, "torch's default kernels (default Adam, oneDNN) instead of the faster fused Adam")
+    device: str = setting("auto", "where to train: auto is torch's current accelerator, else the CPU",
+                          choices=DEVICES)
+    dry_run: bool = setting(False, "one epoch of five batches and one evaluation batch per split", cli=False)
+    data_dir: str = setting("./data", "where MNIST is kept (fetched if missing)")
 
 
-# A recipe names what it trains: the network and the schedule. Values not given are Config's defaults.
+# Recipes by purpose. Each is a named base below plus a few overrides, never another recipe, so changing one
+# recipe changes no other; test_model.py pins every recipe's values. Values not given are Config's defaults.
+# What each reaches is in README.md; how each was chosen, and the flags of the recipes it beat, in
+# docs/experiments.md.
+#
+# The seed-2 kind of training: AdamW + OneCycleLR at batch 512, shifts and small rotations, label smoothing,
+# dropout, a 50k/10k train/validation split, scored with test-time augmentation.
+RESSENET = dict(model="ressenet", epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
+                final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0, val_size=10_000, shift=2.0, rotate=10.0,
+                label_smoothing=0.1, dropout=0.1, tta=True)
+# One pass over all 60,000 images: label smoothing, no augmentation (it slows early learning), single-view.
+ONE_PASS = dict(epochs=1, pct_start=0.2, div_factor=10.0, final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0,
+                label_smoothing=0.1)
+# Networks of a few thousand parameters or fewer: 40 epochs on all 60,000 images at batch 128, light augmentation
+# (more cost them accuracy), the last 4 epochs on the digits as they are, kept as the weights' moving average.
+SMALL_NETWORK = dict(epochs=40, batch_size=128, max_lr=0.02, pct_start=0.2, div_factor=10.0, final_div_factor=100.0,
+                     clip_grad=0.0, dropout=0.0, shift=1.0, rotate=5.0, ema=0.999, clean_epochs=4, tta=True)
+
 RECIPES = {
     # The seed-1 system: the 13,242-parameter CNN, Adam + OneCycleLR (flat at 0.005 for the first 10%, then
     # annealed to 0.0005), batch 10, gradient norm clipped to 1.0, one epoch on all 60,000 images.
     "net-1epoch": dict(),
-    # The seed-2 kind: BatchNorm/SE/residual/GAP network, AdamW + OneCycleLR, shifts and small rotations, label
-    # smoothing, a 50k/10k train/validation split, test-time augmentation. How it was chosen: docs/experiments.md.
-    "ressenet-8epoch": dict(model="ressenet", epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2,
-                            div_factor=10.0, final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0,
-                            val_size=10_000, shift=2.0, rotate=10.0, label_smoothing=0.1, dropout=0.1, tta=True),
+    # The seed-2 system: >= 99.4% on the test set in 8 epochs with BatchNorm, attention, residuals and GAP.
+    "ressenet-8epoch": dict(RESSENET),
+    # Seed 2's own training on our network: SGD at a constant 0.05 with momentum 0.9, batch 128, 19 epochs,
+    # nothing else (no augmentation, label smoothing, weight decay or clipping).
+    "ressenet-sgd-19epoch": dict(model="ressenet", dropout=0.1, epochs=19, batch_size=128, optimizer="sgd",
+                                 momentum=0.9, schedule="constant", max_lr=0.05, clip_grad=0.0, val_size=10_000),
+    # The most accurate single epoch: a wider ressenet on the central 24x24 at batch 24 (more steps).
+    "ressenet-wide-1epoch": dict(ONE_PASS, model="ressenet-wide", batch_size=24, max_lr=0.0075, dropout=0.1),
+    # The fastest to 99% in one epoch (benchmark.py --suite race): the central 22x22 at batch 128.
+    "ressenet-wide22-b128-1epoch": dict(ONE_PASS, model="ressenet-wide22", batch_size=128, max_lr=0.03, dropout=0.0),
+    # The most accurate under 20k parameters: 30 epochs, digits also scaled by up to 10%, all 60,000 images,
+    # scored and kept as the moving average of the weights.
+    "ressenet-wide-ema-30epoch": dict(RESSENET, model="ressenet-wide", epochs=30, batch_size=256, max_lr=0.02,
+                                      scale=0.1, val_size=0, ema=0.999),
+    # Reads other people's handwriting best (predict, serve): the same with half of each batch given another
+    # writer's look and half of the 1s and 9s drawn as other writers draw them.
+    "ressenet-wide-variants-30epoch": dict(RESSENET, model="ressenet-wide", epochs=30, batch_size=256, max_lr=0.02,
+                                           scale=0.1, val_size=0, ema=0.999, restyle=0.5, digit_variants=0.5),
+    # The most accurate at <= 3,500 parameters.
+    "ressenet-micro-clean-40epoch": dict(SMALL_NETWORK, model="ressenet-micro"),
+    # The most accurate at <= 1,000 parameters.
+    "shared-nano-clean-40epoch": dict(SMALL_NETWORK, model="shared-nano"),
 }
-# One pass over all 60,000 images: a wider ressenet on the central 24x24, batch 24 (more steps), label
-# smoothing, no augmentation (it slows early learning), single-view.
-RECIPES["ressenet-wide-1epoch"] = dict(model="ressenet-wide", epochs=1, batch_size=24, max_lr=0.0075,
-                                       pct_start=0.2, div_factor=10.0, final_div_factor=100.0, weight_decay=5e-4,
-                                       clip_grad=0.0, label_smoothing=0.1, dropout=0.1)
-# The one-epoch race (benchmark.py --suite race): the same network and pass at batch 128 (a fifth of the steps),
-# max-lr 0.03, no dropout; chosen on validation against the public 215k-parameter recipe (docs/experiments.md).
-RECIPES["ressenet-wide-b128-1epoch"] = dict(RECIPES["ressenet-wide-1epoch"], batch_size=128, max_lr=0.03, dropout=0.0)
-# Its network on the central 22x22 instead of 24x24: faster per step, and more accurate on validation.
-RECIPES["ressenet-wide22-b128-1epoch"] = dict(RECIPES["ressenet-wide-b128-1epoch"], model="ressenet-wide22")
-# Single-view >= 99.4% in under a minute: 12 epochs (chosen on validation over 8 and 10), then all 60,000 images.
-RECIPES["ressenet-12epoch"] = dict(RECIPES["ressenet-8epoch"], epochs=12, val_size=0)
-# Other people's handwriting: ressenet-12epoch with half of each batch restyled (thicker, coarse or blurred
-# strokes), chosen on the UCI digits' choose half and MNIST's validation split (docs/experiments.md).
-RECIPES["ressenet-restyle-12epoch"] = dict(RECIPES["ressenet-12epoch"], restyle=0.5)
-# Accuracy per parameter under 20k: the wide network, 30 epochs at batch 256, digits also scaled by up to 10%,
-# then all 60,000 images (chosen on validation over 40 epochs and no scaling: docs/experiments.md).
-RECIPES["ressenet-wide-30epoch"] = dict(RECIPES["ressenet-8epoch"], model="ressenet-wide", epochs=30, batch_size=256,
-                                        max_lr=0.02, scale=0.1, val_size=0)
-# The same, scored and kept as the moving average of its weights (decay 0.999 per step, ~5 epochs): chosen on
-# validation over the weights themselves, 99.58% against 99.56% over seeds 1-3 (docs/experiments.md).
-RECIPES["ressenet-wide-ema-30epoch"] = dict(RECIPES["ressenet-wide-30epoch"], ema=0.999)
-# Other people's handwriting: the same with half of each batch restyled and half of the 1s and 9s drawn as other
-# writers draw them (flagged and block 1s, 9s with a curled tail); chosen on the UCI digits' choose half and
-# MNIST's validation split over the 12-epoch ressenet, which lost 0.07 on MNIST (docs/experiments.md). Test set:
-# 99.49% single-view; the UCI report half: 98.5%, every form >= 98.3%.
-RECIPES["ressenet-wide-variants-30epoch"] = dict(RECIPES["ressenet-wide-ema-30epoch"], restyle=0.5, digit_variants=0.5)
-RECIPES["ressenet-small-15epoch"] = dict(RECIPES["ressenet-8epoch"], model="ressenet-small", epochs=15,
-                                         batch_size=128, max_lr=0.01)
-RECIPES["ressenet-tiny-15epoch"] = dict(RECIPES["ressenet-small-15epoch"], model="ressenet-tiny")
-# Accuracy per parameter at <= 3,500: 40 epochs at batch 128 with the moving average, and light settings (no label
-# smoothing or weight decay, shift 1, rotate 5: more cost this network accuracy on validation), all 60,000 images.
-RECIPES["ressenet-micro-40epoch"] = dict(RECIPES["ressenet-small-15epoch"], model="ressenet-micro", epochs=40,
-                                         max_lr=0.02, dropout=0.0, weight_decay=0.0, label_smoothing=0.0,
-                                         shift=1.0, rotate=5.0, ema=0.999, val_size=0)
-# The same for 50 epochs: 99.39% on validation against 40 epochs' 99.31% (seeds 1-3), yet 99.31% on the test set.
-RECIPES["ressenet-micro-50epoch"] = dict(RECIPES["ressenet-micro-40epoch"], epochs=50)
-# The same 40 epochs at max-lr 0.03: 99.37% on validation against 99.31% at 0.02 (seeds 1-3), yet 99.38% on the
-# test set.
-RECIPES["ressenet-micro-lr03-40epoch"] = dict(RECIPES["ressenet-micro-40epoch"], max_lr=0.03)
-# The same 40 epochs, the last 4 without augmentation: 99.36% on validation against 99.29% (seeds 1-3; 2 or 8 clean
-# epochs 99.35 / 99.34), then 99.50% on the test set (99.497% unrounded) against 99.45%.
-RECIPES["ressenet-micro-clean-40epoch"] = dict(RECIPES["ressenet-micro-40epoch"], clean_epochs=4)
-# The same with the strokes bent by ~0.75 pixels (elastic distortion): 99.40% on validation against 99.34% (seeds 1-3,
-# ahead on each), then 99.50% on the test set (29,850 of 30,000 images) against 99.497%.
-RECIPES["ressenet-micro-elastic-40epoch"] = dict(RECIPES["ressenet-micro-clean-40epoch"], elastic=0.75)
-# At <= 1,000 parameters: the same training (the last 4 epochs clean) on `shared-nano`, 978 parameters: 98.68% on
-# validation (seeds 1-3; 30 epochs instead of 40 read 98.60 against 98.91 on seed 1), then 98.82% on the test set.
-RECIPES["shared-nano-clean-40epoch"] = dict(RECIPES["ressenet-micro-clean-40epoch"], model="shared-nano")
-# The training the <20k reference used, on our network: SGD at a constant 0.05 with momentum 0.9, batch 128,
-# 19 epochs, a 50k/10k split; nothing else (no augmentation, label smoothing, weight decay or clipping).
-RECIPES["ressenet-sgd-19epoch"] = dict(model="ressenet", dropout=0.1, epochs=19, batch_size=128, optimizer="sgd",
-                                       momentum=0.9, schedule="constant", max_lr=0.05, clip_grad=0.0,
-                                       val_size=10_000)
 # The names these recipes had before; still accepted.
 ALIASES = {"seed1": "net-1epoch", "seed2": "ressenet-8epoch"}
+# Recipes that left the list (each beaten, or a step on the way to a kept one): the kept recipe and the flags that
+# make the same run, bit for bit. `--recipe NAME` says so; `report` still tabulates their run folders.
+RETIRED = {
+    "ressenet-12epoch": ("ressenet-8epoch", dict(epochs=12, val_size=0)),
+    "ressenet-restyle-12epoch": ("ressenet-8epoch", dict(epochs=12, val_size=0, restyle=0.5)),
+    "ressenet-wide-b128-1epoch": ("ressenet-wide22-b128-1epoch", dict(model="ressenet-wide")),
+    "ressenet-wide-30epoch": ("ressenet-wide-ema-30epoch", dict(ema=0.0)),
+    "ressenet-small-15epoch": ("ressenet-8epoch", dict(model="ressenet-small", epochs=15, batch_size=128,
+                                                       max_lr=0.01)),
+    "ressenet-tiny-15epoch": ("ressenet-8epoch", dict(model="ressenet-tiny", epochs=15, batch_size=128,
+                                                      max_lr=0.01)),
+    "ressenet-micro-40epoch": ("ressenet-micro-clean-40epoch", dict(clean_epochs=0)),
+    "ressenet-micro-50epoch": ("ressenet-micro-clean-40epoch", dict(clean_epochs=0, epochs=50)),
+    "ressenet-micro-lr03-40epoch": ("ressenet-micro-clean-40epoch", dict(clean_epochs=0, max_lr=0.03)),
+    "ressenet-micro-elastic-40epoch": ("ressenet-micro-clean-40epoch", dict(elastic=0.75)),
+}
 
 # Below this batch size the seed-1 `net`'s ops (4 and 8 channels) are too small to gain from oneDNN convolutions
 # or a second thread on CPU: at batch 10 on 2 cores both cost time (benchmark.py); at batch 128 both pay. The
@@ -138,20 +183,32 @@ def recipe_config(name, **overrides):
     return Config(**{"recipe": name, **RECIPES[name], **overrides})
 
 
+def as_flags(changes):
+    """The command-line flags that set `changes` ({Config field: value}), e.g. ["--epochs 12", "--no-tta"]."""
+    flags = []
+    for name, value in changes.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags.append(f"--{flag} {value}")
+    return flags
+
+
+def retired_config(name):
+    """The Config a retired recipe (RETIRED) ran, under its own name: how `report` reads its old run folders."""
+    recipe, overrides = RETIRED[name]
+    return recipe_config(recipe, **overrides, recipe=name)
+
+
 def config_from_dict(stored):
-    """The Config stored in a run folder or checkpoint (dataclasses.asdict of one). Older runs stored
-    no_accel=True/False where the Config now has device="cpu"/"auto"; keys it does not know are ignored."""
-    stored = dict(stored)
-    if "device" not in stored and "no_accel" in stored:
-        stored["device"] = "cpu" if stored["no_accel"] else "auto"
+    """The Config stored in a run folder or checkpoint (dataclasses.asdict of one); keys it does not know are
+    ignored, so a checkpoint written before a setting existed loads with that setting's default."""
     return Config(**{f.name: stored[f.name] for f in dataclasses.fields(Config) if f.name in stored})
 
 
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the message names the step and learning rate."""
-
-
-DEVICES = ("auto", "cpu", "cuda", "mps", "xpu")
 
 
 class DeviceError(Exception):
@@ -247,7 +304,7 @@ def augmentation(config, generator):
     if config.restyle:
         steps.append(lambda x, y: data_file.random_restyle(x, generator, config.restyle))
     if config.shift or config.rotate or config.scale or config.elastic:
-        steps.append(lambda x, y: data_file.random_shift_rotate(x, generator, max_shift=config.shift,
+        steps.append(lambda x, y: data_file.random_transform(x, generator, max_shift=config.shift,
                                                                 max_degrees=config.rotate, max_scale=config.scale,
                                                                 elastic=config.elastic))
     if not steps:
@@ -260,11 +317,10 @@ def augmentation(config, generator):
     return augment
 
 
-def train(config, log=print, data=None, progress=True, model_kwargs=None, on_epoch=None, resume=None):
+def train(config, log=print, data=None, progress=True, on_epoch=None, resume=None):
     """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
 
-    `data` is what data_file.load_mnist returns, for callers that train many times on the same split;
-    `model_kwargs` go to the network's constructor (a variant of a named network, for experiments).
+    `data` is what data_file.load_mnist returns, for callers that train many times on the same split.
     With config.tta, validation and test are scored both single-view and with test-time augmentation; with
     config.ema, they score (and the returned network is) the moving average of the weights (moving_average).
     `on_epoch(state)` is called after every epoch of a multi-epoch run with the state to resume from: the
@@ -285,7 +341,7 @@ def train(config, log=print, data=None, progress=True, model_kwargs=None, on_epo
         x_test, y_test = x_test[:eval_batch], y_test[:eval_batch]
         val = val and (val[0][:eval_batch], val[1][:eval_batch])
 
-    model = build_for(config, device, **({} if model_kwargs is None else model_kwargs))
+    model = build_for(config, device)
     params = count_parameters(model)
     log(f"model {config.model}: {params:,} parameters | device {device} | seed {config.seed} | "
         f"train {len(y_train):,} val {len(val[1]) if val else 0:,} test {len(y_test):,}")
@@ -387,7 +443,7 @@ def score(model, images, labels, batch_size, tta, prefix, details=False):
     (the TTA one when tta)."""
     out = {}
     for with_tta in (False, True) if tta else (False,):
-        result = evaluate(model, images, labels, batch_size, details=details and with_tta == tta, tta=with_tta)
+        result = measure(model, images, labels, batch_size, details=details and with_tta == tta, tta=with_tta)
         suffix = "_tta" if with_tta else ""
         out.update({prefix + "acc" + suffix: result.pop("acc"), prefix + "loss" + suffix: result.pop("loss")})
         out.update(result)  # confusion and mistakes, once
@@ -398,7 +454,7 @@ class NoValidationSplit(Exception):
     """A run that held out no validation split was asked to score one."""
 
 
-def evaluate_split(model, config, split="test", log=print):
+def rescore(model, config, split="test", log=print):
     """Score a trained network again, as its run scored it: the test set or the validation split the run held
     out (rebuilt from config.seed and config.val_size), with the kernels and memory layout training used,
     single-view and, when config.tta, with TTA. Returns score()'s figures without a prefix ("acc", "loss",
@@ -414,6 +470,25 @@ def evaluate_split(model, config, split="test", log=print):
             "images": len(labels)}
 
 
+def evaluation_lines(model, config, split, recorded, log=print):
+    """What `python main.py evaluate` prints of rescore: accuracy and loss (single-view, and with TTA when
+    the run used it), per-class accuracy and, for the test set, what the run recorded in `recorded` (metrics)."""
+    result = rescore(model, config, split, log=log)
+    name = {"test": "test set", "val": "validation split"}[split]
+    views = ["", "_tta"] if config.tta else [""]
+    lines = [f"{name}, {result['images']:,} images: " + ", ".join(
+        f"accuracy {result['acc' + v]:.2f}% loss {result['loss' + v]:.4f} {'with TTA' if v else 'single-view'}"
+        for v in views)]
+    per_class = per_class_accuracy(result["confusion"])
+    lines.append(f"per-class accuracy{' with TTA' if config.tta else ''}: " +
+                 "  ".join(f"{d} {a:.2f}%" for d, a in enumerate(per_class)))
+    if split == "test" and "test_acc" in recorded:
+        lines.append("the run recorded: " + ", ".join(f"{recorded['test_acc' + v]:.2f}% "
+                                                      f"{'with TTA' if v else 'single-view'}"
+                                                      for v in views if "test_acc" + v in recorded))
+    return lines
+
+
 def score_uci_digits(model, tta, half="report", count=None):
     """Accuracy in % on the UCI digits in each of data_file.UCI_FORMS, through predict's own path: each digit's
     PNG file, data_file.digit_from_image, then digit_probabilities one image at a time (TTA when the run used
@@ -421,18 +496,23 @@ def score_uci_digits(model, tta, half="report", count=None):
     count: only the first `count` digits of the half (for tests)."""
     images, labels = data_file.uci_digits(half)
     images, labels = images[:count], labels[:count]
-    # predict's path exactly: the CPU, the layout a loaded checkpoint has, torch's default kernels
+    # predict's path exactly: the CPU, the layout a loaded checkpoint has, torch's default kernels (put back after)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    kernels, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
     torch.backends.mkldnn.enabled = True
     torch.set_num_threads(DEFAULT_THREADS)
     result = {}
-    for form in data_file.UCI_FORMS:
-        right = 0
-        for image, label in zip(images, labels.tolist()):
-            png = io.BytesIO(data_file.uci_png(image, form))
-            digit = data_file.digit_from_image(png, name=f"a UCI digit ({form})")
-            right += int(digit_probabilities(model, digit, tta).argmax()) == label
-        result[form] = 100 * right / len(labels)
+    try:
+        for form in data_file.UCI_FORMS:
+            right = 0
+            for image, label in zip(images, labels.tolist()):
+                png = io.BytesIO(data_file.uci_png(image, form))
+                digit = data_file.digit_from_image(png, name=f"a UCI digit ({form})")
+                right += int(digit_probabilities(model, digit, tta).argmax()) == label
+            result[form] = 100 * right / len(labels)
+    finally:
+        torch.backends.mkldnn.enabled = kernels
+        torch.set_num_threads(threads)
     return result
 
 
@@ -504,7 +584,7 @@ def predict_log_probs(model, images, tta=False):
     if not tta:
         return model(images)
     h, w = images.shape[-2:]
-    # Edge pixels repeat into the gap, as in data_file.random_shift_rotate; in MNIST they are background.
+    # Edge pixels repeat into the gap, as in data_file.random_transform; in MNIST they are background.
     padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
     probs = sum(model(padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]).exp() for dx, dy in TTA_SHIFTS)
     return (probs / len(TTA_SHIFTS)).log()
@@ -523,7 +603,7 @@ def checkpoint_tta(checkpoint):
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, batch_size=1000, details=False, tta=False):
+def measure(model, images, labels, batch_size=1000, details=False, tta=False):
     """Loss (mean negative log-likelihood) and accuracy in % over (images, labels), in eval mode, in order;
     with tta, of the prediction averaged over one-pixel shifts (predict_log_probs).
 

@@ -13,7 +13,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from torchvision.datasets import MNIST  # noqa: E402
 
 import data_file  # noqa: E402
 import run_folder  # noqa: E402
@@ -87,7 +86,7 @@ def plot_mistakes(metrics, test_images):
 def save_plots(run_dir, metrics, data_dir, written=()):
     """Draw the three figures into run_dir, each written atomically; return their file names. `written`: the
     run folder's files already written, named if a figure cannot be (run_folder.write_files)."""
-    test_images = MNIST(data_dir, train=False).data
+    test_images = data_file.read_split(data_dir, "test")[0]
     figures = {"curves.png": plot_curves(metrics), "confusion.png": plot_confusion(metrics),
                "mistakes.png": plot_mistakes(metrics, test_images)}
     try:

@@ -96,20 +96,16 @@ def make_row(runs):
 
 
 def flags_off_recipe(config):
-    """The command-line flags that turn the recipe's config into this one (seed and data dir aside)."""
-    if config["recipe"] not in model_train.RECIPES:
+    """The command-line flags that turn the recipe's config into this one (seed and data dir aside); a retired
+    recipe's run folder is read against the config it ran (model_train.RETIRED)."""
+    name = config["recipe"]
+    if name in model_train.RECIPES:
+        base = dataclasses.asdict(model_train.recipe_config(name))
+    elif name in model_train.RETIRED:
+        base = dataclasses.asdict(model_train.retired_config(name))
+    else:
         return ["(unknown recipe)"]
-    base = dataclasses.asdict(model_train.recipe_config(config["recipe"]))
-    flags = []
-    for name, value in config.items():
-        if name in IGNORED or value == base[name]:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
-        else:
-            flags.append(f"{flag} {value}")
-    return flags
+    return model_train.as_flags({k: v for k, v in config.items() if k not in IGNORED and v != base[k]})
 
 
 def mean_std(values, digits, unit=""):

@@ -5,13 +5,18 @@ The checkpoint is {"model": state_dict, "model_name", "config", "metrics"}; it a
 back with torch.load(..., weights_only=True), so nothing in a file is ever run. Every failure a user can cause
 (a folder that cannot be written, a missing or damaged file) raises RunFolderError with a one-line message.
 """
+import contextlib
+import dataclasses
 import glob
 import json
 import os
 import tempfile
+import time
+import zipfile
 
 import torch
 
+import model_train
 from model import MODELS, build_model
 
 RUNS = "runs"  # where main.py puts its run folders
@@ -37,7 +42,8 @@ def default_run_dir(recipe, seed, stamp, root=RUNS):
 
 
 def atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
+    """Call write(file_object) on a temporary file beside `path`, then rename it into place. Whenever it stops
+    (an error, Ctrl-C), `path` is either the old file or the whole new one, and no temporary file is left."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
@@ -46,7 +52,8 @@ def atomic_write(path, write):
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # gone already when the stop came after the rename
+            os.unlink(tmp)
         raise
 
 
@@ -96,20 +103,28 @@ def write_files(out_dir, files, written=()):
     return written
 
 
-def save(out_dir, config, model, metrics, save_model=True):
-    """Write metrics.json and, with save_model, model.pt into `out_dir`; return the paths written."""
+def save_checkpoint(out_dir, config, model, metrics):
+    """Write model.pt into `out_dir`: {"model": state_dict, "model_name", "config", "metrics"}; return its path."""
+    checkpoint = {"model": model.state_dict(), "model_name": metrics["model"], "config": config, "metrics": metrics}
+    return write_files(out_dir, [(CHECKPOINT, lambda f: torch.save(checkpoint, f))])
+
+
+def save_metrics(out_dir, config, metrics, written=()):
+    """Write metrics.json into `out_dir`, the file that marks a run finished; return its path."""
     text = json.dumps({"config": config, **metrics}, indent=2).encode()
-    files = [(METRICS, lambda f: f.write(text))]
-    if save_model:
-        checkpoint = {"model": model.state_dict(), "model_name": metrics["model"], "config": config,
-                      "metrics": metrics}
-        files.append((CHECKPOINT, lambda f: torch.save(checkpoint, f)))
-    return write_files(out_dir, files)
+    return write_files(out_dir, [(METRICS, lambda f: f.write(text))], written)[len(written):]
 
 
-def save_resume(out_dir, config, model_name, state):
-    """Write resume.pt: the config and model_train.train's resumable state after the epoch just finished."""
-    resume = {"config": config, "model_name": model_name, "state": state}
+def save(out_dir, config, model, metrics, save_model=True):
+    """Write model.pt (with save_model) and then metrics.json into `out_dir`; return the paths written."""
+    written = save_checkpoint(out_dir, config, model, metrics) if save_model else []
+    return written + save_metrics(out_dir, config, metrics, written)
+
+
+def save_resume(out_dir, config, model_name, state, data_dir):
+    """Write resume.pt: the config and model_train.train's resumable state after the epoch just finished, and
+    where the data was found (an absolute path: a run resumed from another folder finds it there too)."""
+    resume = {"config": config, "model_name": model_name, "state": state, "data_dir": os.path.abspath(data_dir)}
     write_files(out_dir, [(RESUME, lambda f: torch.save(resume, f))])
 
 
@@ -122,7 +137,8 @@ def remove_resume(out_dir):
 
 
 def load_resume(run_dir):
-    """The {"config", "model_name", "state"} in <run_dir>/resume.pt, to go on with an interrupted run."""
+    """The {"config", "model_name", "state", "data_dir"} in <run_dir>/resume.pt, checked whole (load_file) and
+    its weights against the network its config names, to go on with an interrupted run."""
     path = os.path.join(run_dir, RESUME)
     if not os.path.isdir(run_dir):
         raise RunFolderError(f"{run_dir}: no such run folder")
@@ -133,9 +149,25 @@ def load_resume(run_dir):
                              f"can be resumed)")
     resume = load_file(path)
     if not isinstance(resume, dict) or not isinstance(resume.get("config"), dict) \
-            or not isinstance(resume.get("state"), dict) or resume.get("model_name") not in MODELS:
+            or not isinstance(resume.get("state"), dict) or not isinstance(resume["state"].get("model"), dict) \
+            or resume.get("model_name") not in MODELS:
         raise RunFolderError(f"{path}: not a resumable state written by main.py")
+    name = resume["config"].get("model")
+    if name != resume["model_name"]:
+        raise RunFolderError(f"{path}: its config names the {name!r} network, its weights are {resume['model_name']!r}")
+    try:
+        build_model(name).load_state_dict(resume["state"]["model"])
+    except (RuntimeError, TypeError):
+        raise RunFolderError(f"{path}: its weights do not fit the {name!r} network its config names") from None
     return resume
+
+
+def resumable_epochs(run_dir):
+    """How many epochs <run_dir>/resume.pt holds, read from the file itself; 0 when there is none to resume."""
+    try:
+        return len(load_resume(run_dir)["state"]["history"])
+    except (RunFolderError, KeyError, TypeError):
+        return 0
 
 
 def save_uci(run_dir, accuracy):
@@ -189,9 +221,19 @@ def load_named_checkpoint(path=None, model_name=None):
 
 
 def load_file(path):
-    """torch.load(path, weights_only=True), its failures as RunFolderError."""
+    """torch.load(path, weights_only=True) after checking the CRC-32 of every record in the file (torch's format
+    is a zip archive; torch.load itself checks none, and would load flipped bytes as weights); failures as
+    RunFolderError."""
     try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                raise RunFolderError(f"{path}: damaged (the checksum of {damaged.split('/', 1)[-1]} does not match "
+                                     f"what it holds)")
         return torch.load(path, map_location="cpu", weights_only=True)
+    except RunFolderError:
+        raise
     except FileNotFoundError:
         raise RunFolderError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
@@ -219,3 +261,98 @@ def load_checkpoint(path, model_name=None):
     except RuntimeError:
         raise RunFolderError(f"{path}: its weights do not fit the {name!r} network it names") from None
     return model.eval(), checkpoint
+
+
+class Run:
+    """A training run's life in its folder, as a context manager:
+
+        with Run.new(config, out_dir) as run:                 # or Run.resume(run_dir)
+            model, metrics = model_train.train(run.config, on_epoch=run.on_epoch, resume=run.state)
+            run.finish(model, metrics)
+
+    Entering prepares the folder, before any training is spent on a run that could not be saved. on_epoch writes
+    resume.pt after every epoch. finish writes model.pt, the plots and, last, metrics.json (the file that marks a
+    run finished), then drops resume.pt. Leaving on Ctrl-C or a failure to write says what the folder holds, read
+    from the folder rather than remembered, so an interrupt at any instant says the truth: the finished run, the
+    epoch resume.pt holds and the command that goes on from it, or nothing; a folder made for a run that saved
+    nothing is removed again."""
+
+    def __init__(self, config, out_dir, stored=None, state=None, write=True, save_model=True, log=print):
+        self.config, self.out_dir, self.state = config, out_dir, state
+        self.stored = dataclasses.asdict(config) if stored is None else stored  # the config the files record
+        self.write, self.save_model, self.log = write, save_model, log
+        self.created = []
+
+    @classmethod
+    def new(cls, config, out_dir=None, save_model=True, log=print):
+        """A run from the start, into out_dir (default: default_run_dir); a dry run writes only where told to."""
+        write = not config.dry_run or out_dir is not None
+        if out_dir is None:
+            out_dir = default_run_dir(config.recipe, config.seed, time.strftime("%Y%m%d-%H%M%S"))
+        return cls(config, out_dir, write=write, save_model=save_model, log=log)
+
+    @classmethod
+    def resume(cls, run_dir, data_dir=None, save_model=True, log=print):
+        """The interrupted run in run_dir, from its resume.pt; data_dir (where MNIST is) overrides the stored one."""
+        resume = load_resume(run_dir)
+        config = model_train.config_from_dict(resume["config"])
+        config = dataclasses.replace(config, data_dir=data_dir or resume.get("data_dir") or config.data_dir)
+        return cls(config, run_dir, stored=resume["config"], state=resume["state"], save_model=save_model, log=log)
+
+    @property
+    def on_epoch(self):
+        """model_train.train's on_epoch: resume.pt written after every epoch; None when the run writes nothing."""
+        return self.save_epoch if self.write else None
+
+    def save_epoch(self, state):
+        save_resume(self.out_dir, self.stored, self.config.model, state, self.config.data_dir)
+
+    def __enter__(self):
+        if self.write and self.state is None:
+            # Never over another run: its results, or the state it would go on from, would be overwritten.
+            if os.path.exists(os.path.join(self.out_dir, METRICS)):
+                raise RunFolderError(f"{self.out_dir} already holds a finished run: choose another --out-dir")
+            if os.path.exists(os.path.join(self.out_dir, RESUME)):
+                raise RunFolderError(f"{self.out_dir} already holds an interrupted run: go on with "
+                                     f"`python main.py --resume {self.out_dir}`, or choose another --out-dir")
+            self.created = prepare(self.out_dir)
+        return self
+
+    def finish(self, model, metrics):
+        """Write the results: model.pt, the plots, then metrics.json; then drop resume.pt."""
+        if not self.write:
+            return
+        import plots  # only now, once training has let go of its working memory: matplotlib adds ~50 MB
+        written = save_checkpoint(self.out_dir, self.stored, model, metrics) if self.save_model else []
+        figures = plots.save_plots(self.out_dir, metrics, self.config.data_dir, written=written)
+        written += [os.path.join(self.out_dir, name) for name in figures]
+        written += save_metrics(self.out_dir, self.stored, metrics, written)
+        remove_resume(self.out_dir)
+        self.log(f"wrote {', '.join(written)}")
+
+    def kept(self):
+        """What the folder holds of this run, in words ("" for nothing), read from the folder itself."""
+        if not self.write:
+            return ""
+        if os.path.exists(os.path.join(self.out_dir, METRICS)):  # written last: every result is there
+            remove_resume(self.out_dir)
+            return f"the finished run is saved in {self.out_dir}"
+        epochs = resumable_epochs(self.out_dir)
+        if not epochs:
+            return ""
+        return (f"{self.out_dir} keeps the run after epoch {epochs} of {self.config.epochs}; go on with "
+                f"`python main.py --resume {self.out_dir}`")
+
+    def __exit__(self, kind, error, traceback):
+        if error is None:
+            return False
+        try:
+            if isinstance(error, KeyboardInterrupt):
+                error.args = (self.kept() or "nothing was saved",)  # main prints it after "interrupted: "
+            elif isinstance(error, (RunFolderError, OSError)):  # a failure to write: what was kept can go on
+                kept = self.kept()
+                if kept:
+                    raise RunFolderError(f"{error}; {kept}") from None
+        finally:
+            remove_empty(self.created)
+        return False

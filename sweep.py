@@ -87,17 +87,13 @@ def plot(rows, batch_sizes, dropouts):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Seed-1 network: batch size x dropout x seed, one epoch each.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 100, 50, 10])
-    p.add_argument("--dropouts", type=float, nargs="+", default=[0.25, 0.2, 0.1, 0.005])
+    p.add_argument("--batch-sizes", type=model_train.flag_type(int, "positive"), nargs="+", default=[128, 100, 50, 10])
+    p.add_argument("--dropouts", type=model_train.flag_type(float, "fraction_or_zero"), nargs="+",
+                   default=[0.25, 0.2, 0.1, 0.005])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
     p.add_argument("--out-dir", default=os.path.join(run_folder.RUNS, "sweep"), help="results folder")
-    args = p.parse_args(argv)
-    if min(args.batch_sizes) < 1:
-        p.error(f"argument --batch-sizes: must be positive integers, got {min(args.batch_sizes)}")
-    if not all(0 <= d < 1 for d in args.dropouts):
-        p.error("argument --dropouts: each must be at least 0 and below 1")
-    return args
+    return p.parse_args(argv)
 
 
 def sweep(argv=None):
@@ -115,7 +111,7 @@ def sweep(argv=None):
             config = model_train.recipe_config("net-1epoch", batch_size=b, dropout=d, seed=s, data_dir=args.data_dir)
             model, metrics = model_train.train(config, log=lambda *a: None, data=data, progress=False)
             row = {"batch_size": b, "dropout": d, "seed": s, "train_acc": metrics["train_acc"],
-                   "eval_train_acc": model_train.evaluate(model, *data["train"])["acc"],
+                   "eval_train_acc": model_train.measure(model, *data["train"])["acc"],
                    "test_acc": metrics["test_acc"], "seconds": metrics["train_seconds"],
                    "torch": metrics["torch"], "threads": metrics["threads"]}
             with open(results, "a") as f:  # one line per finished cell: an interruption loses only the cell in hand

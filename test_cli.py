@@ -1,0 +1,609 @@
+"""The command line and the run folder: flags and recipes, every bad input as one line and an exit status, runs
+that survive an interrupt at any instant and resume bit for bit, and the commands (predict, evaluate, report) on
+real checkpoints. Most run main.main in this process (conftest.in_process); a fresh interpreter only where that is
+what is tested (Ctrl-C, SIGTERM, what a command imports)."""
+import dataclasses
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import benchmark
+import main
+import model_train
+import plots
+import run_folder
+import sweep
+from conftest import (DATA_DIR, HERE, in_process, one_line_error, predicted, quiet, run_cli, small_split,
+                      without_timings, write_digit_variants)
+from model import build_model
+
+
+# --- flags and recipes --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--lr", "-1"], ["--lr", "nan"], ["--epochs", "0"], ["--epochs", "two"],
+                                   ["--model", "nope"], ["--clip-grad", "-1"], ["--pct-start", "1"],
+                                   ["--val-size", "60000"], ["--seed", str(2**70)], ["--dropout", "1"]])
+def test_bad_values_are_argparse_errors(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--recipe", "nope"], ["--out-dir", ""],
+                                   ["--recipe", "ressenet-12epoch"]])
+def test_cli_rejects_bad_values_without_traceback(flags, tmp_path, capsys):
+    r = in_process(main.main, [*flags, "--data-dir", str(tmp_path)], capsys)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith("main.py: error: argument")
+    assert "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []  # rejected before anything was fetched or written
+
+
+@pytest.mark.parametrize("name", sorted(model_train.RETIRED))
+def test_a_retired_recipe_says_which_flags_make_the_same_run(name, capsys):
+    r = in_process(main.parse_args, ["--recipe", name], capsys)
+    said = r.stderr.splitlines()[-1]
+    assert r.returncode == 2 and f"{name} has left the recipe list" in said
+    flags = said.split("`")[1].split()  # "--recipe R --flag value ...", and that command line makes the same run
+    config = main.config_from(main.parse_args(flags))
+    assert dataclasses.replace(config, recipe=name) == model_train.retired_config(name)
+
+
+def test_every_config_field_is_a_flag_described_by_the_field(capsys):
+    parser = main.build_parser("net-1epoch")
+    actions = {a.dest: a for a in parser._actions if a.option_strings[0] != "--no-accel"}
+    for field in dataclasses.fields(model_train.Config):
+        assert field.name in actions, field.name  # recipe and dry_run are written by hand, the rest from the field
+        if field.metadata["cli"]:
+            assert actions[field.name].help == field.metadata["help"].replace("%", "%%")
+    # Every value a recipe sets reaches the config through its flag, and back.
+    config = model_train.recipe_config("ressenet-wide-variants-30epoch")
+    flags = ["--recipe", "net-1epoch", *" ".join(model_train.as_flags(
+        {k: v for k, v in dataclasses.asdict(config).items() if k not in ("recipe", "dry_run")})).split()]
+    assert dataclasses.replace(main.config_from(main.parse_args(flags)), recipe=config.recipe) == config
+
+
+@pytest.mark.parametrize("old, new", sorted(model_train.ALIASES.items()))
+def test_cli_flags_become_the_recipes_config_and_old_names_still_work(old, new):
+    assert main.config_from(main.parse_args(["--recipe", new])) == model_train.recipe_config(new)
+    assert main.config_from(main.parse_args(["--recipe", old])) == model_train.recipe_config(new)
+    config = main.config_from(main.parse_args(["--recipe", old, "--batch-size", "7", "--no-tta"]))
+    assert (config.recipe, config.batch_size, config.tta) == (new, 7, False)
+
+
+def test_help_lists_every_command_and_each_has_its_own(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for name in main.COMMANDS:
+        assert f"\n  {name} " in out  # one line each in the command list
+        with pytest.raises(SystemExit) as exit_info:
+            main.main([name, "--help"])
+        assert exit_info.value.code == 0 and capsys.readouterr().out.startswith(f"usage: main.py {name}")
+    assert "(default: None)" not in out and "--device" in out and "--resume" in out
+
+
+def test_commands_import_torchvision_only_when_they_need_it():
+    # torchvision takes seconds to import; --help, argument errors, report and benchmark's own loops never use it
+    code = "import sys, main, report, run_folder, benchmark; assert 'torchvision' not in sys.modules, 'imported'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# --- run folders: written whole or not at all ---------------------------------------------------------------
+
+def test_run_folder_files_get_the_usual_permissions(tmp_path):
+    path = tmp_path / "metrics.json"
+    run_folder.atomic_write(str(path), lambda f: f.write(b"{}"))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~run_folder.UMASK  # as open() would make it, not 0600
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_default_run_folders_say_what_ran_and_never_collide(tmp_path):
+    first = run_folder.default_run_dir("net-1epoch", 3, "20260101-120000", root=str(tmp_path))
+    assert first == str(tmp_path / "net-1epoch-seed3-20260101-120000")
+    run_folder.prepare(first)
+    second = run_folder.default_run_dir("net-1epoch", 3, "20260101-120000", root=str(tmp_path))  # the same second
+    assert second == first + "-2"
+
+
+def test_a_failed_save_names_the_file_and_what_was_written(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "curves.png").write_bytes(b"")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(run_folder.RunFolderError) as e:
+        run_folder.write_files(str(tmp_path), [("model.pt", lambda f: torch.save({}, f))],
+                               written=[str(tmp_path / "curves.png")])
+    assert str(e.value) == (f"cannot write {tmp_path / 'model.pt'}: No space left on device "
+                            f"(already written: {tmp_path / 'curves.png'})")
+    assert sorted(os.listdir(tmp_path)) == ["curves.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/run"])
+def test_run_folder_that_cannot_be_written_is_refused_before_training(where, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    r = in_process(main.main, ["--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(tmp_path / where)], capsys)
+    assert one_line_error(r) and str(tmp_path / where) in r.stderr
+    assert "epoch" not in r.stdout  # refused before any training was spent
+    assert sorted(os.listdir(tmp_path)) == ["a-file"] and (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_an_unavailable_device_is_refused_naming_those_there_are(tmp_path, capsys):
+    missing = next(d for d in ("cuda", "mps", "xpu") if d not in model_train.available_devices())
+    r = in_process(main.main, ["--device", missing, "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run")],
+                   capsys)
+    assert one_line_error(r, code=2) and "available: cpu" in r.stderr
+    assert os.listdir(tmp_path) == []
+    assert main.config_from(main.parse_args(["--no-accel"])).device == "cpu"
+
+
+def test_cli_dry_run_writes_metrics_and_never_over_another_run(tmp_path, capsys):
+    out = tmp_path / "missing" / "folders" / "run"  # created on the way
+    flags = ["--dry-run", "--no-progress", "--no-accel", "--data-dir", DATA_DIR, "--out-dir", str(out)]
+    r = in_process(main.main, flags, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "13,242 parameters" in r.stdout and "test accuracy" in r.stdout
+    assert r.stdout.count("device cpu") == 1  # the device is said once, at the start
+    assert sorted(os.listdir(out)) == ["confusion.png", "curves.png", "metrics.json", "mistakes.png", "model.pt"]
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert checkpoint["metrics"]["parameters"] == 13_242
+    assert checkpoint["metrics"]["device"] == run_folder.read_metrics(str(out))["device"] == "cpu"
+    before = (out / "metrics.json").read_bytes()
+    r = in_process(main.main, flags, capsys)  # the same folder again: its results are not overwritten
+    assert one_line_error(r) and "already holds a finished run" in r.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_cli_non_finite_loss_is_one_line_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    r = in_process(main.main, ["--dry-run", "--no-progress", "--max-lr", "1e30", "--data-dir", DATA_DIR,
+                               "--out-dir", str(out)], capsys)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: loss became") and "at step" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_train_then_predict_needs_no_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    digit = tmp_path / "digit.png"
+    img = Image.new("L", (28, 28), 0)
+    img.paste(255, (12, 4, 16, 24))  # a "1"
+    img.save(digit)
+    r = in_process(main.main, ["predict", str(digit)], capsys)  # nothing trained here yet
+    assert one_line_error(r) and "python main.py" in r.stderr
+    # A dry run writes only where it is told; the default run folder is runs/<recipe>-seed<seed>-<time>.
+    r = in_process(main.main, ["--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", "runs/first"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "runs" / "first")) == ["confusion.png", "curves.png", "metrics.json",
+                                                             "mistakes.png", "model.pt"]
+    r = in_process(main.main, ["predict", str(digit)], capsys)
+    assert r.returncode == 0 and r.stdout.startswith(f"{digit}: "), r.stderr
+
+
+def test_ctrl_c_during_training_exits_promptly_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    # Ctrl-C as at a terminal: a shell that starts a job in the background (`pytest &`) has it ignore SIGINT,
+    # and the child would inherit that.
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), "--data-dir", DATA_DIR, "--out-dir",
+                             str(out), "--no-progress"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:  # the epoch table's header is printed just before the first batch
+        if line.startswith("epoch"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_plots_of_a_missing_or_damaged_run_folder_are_one_line_errors(tmp_path, capsys):
+    r = run_cli(str(tmp_path / "nowhere"), script="plots.py")  # once as the script itself
+    assert one_line_error(r) and "nowhere" in r.stderr
+    (tmp_path / "metrics.json").write_text('{"config": {"data_dir": "./data"}, "epochs": [{"ste')  # cut off
+    r = in_process(plots.main, [str(tmp_path)], capsys)
+    assert one_line_error(r) and "metrics.json" in r.stderr
+    for text in ('{"config": {"data_dir": "%s"}, "epochs": []}' % DATA_DIR, '{"config": [1]}', '[]'):
+        (tmp_path / "metrics.json").write_text(text)
+        r = in_process(plots.main, [str(tmp_path)], capsys)  # valid JSON, but not a finished run's metrics
+        assert one_line_error(r) and "metrics.json" in r.stderr, text
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no figure half-written
+
+
+def test_plots_redraws_a_run_folder(tmp_path, capsys):
+    r = in_process(main.main, ["--dry-run", "--no-progress", "--recipe", "ressenet-8epoch", "--data-dir", DATA_DIR,
+                               "--out-dir", str(tmp_path), "--no-save-model"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert "single-view" in r.stdout and "with TTA" in r.stdout  # both figures, named
+    for name in ("curves.png", "confusion.png", "mistakes.png"):
+        os.remove(tmp_path / name)
+    r = in_process(plots.main, [str(tmp_path)], capsys)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["confusion.png", "curves.png", "metrics.json", "mistakes.png"]
+
+
+@pytest.mark.parametrize("script, flags", [(sweep.sweep, ["--batch-sizes", "0"]), (sweep.sweep, ["--dropouts", "1"]),
+                                           (benchmark.benchmark, ["--rounds", "0"]),
+                                           (benchmark.benchmark, ["--suite", "x"])])
+def test_helper_scripts_reject_bad_values(script, flags, tmp_path, capsys):
+    r = in_process(script, [*flags, "--data-dir", str(tmp_path)], capsys)
+    assert r.returncode == 2 and "error: argument" in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_into_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "results").write_text("mine")
+    r = in_process(sweep.sweep, ["--out-dir", str(tmp_path / "results"), "--data-dir", DATA_DIR], capsys)
+    assert one_line_error(r) and "results" in r.stderr
+    assert (tmp_path / "results").read_text() == "mine"
+
+
+def test_sweep_and_benchmark_without_data_are_one_line_errors(tmp_path, capsys):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the data folder should be")
+    for script, extra in ((sweep.sweep, ["--out-dir", str(tmp_path / "out")]), (benchmark.benchmark, [])):
+        r = in_process(script, ["--data-dir", str(blocked), *extra], capsys)
+        assert one_line_error(r) and "blocked" in r.stderr, (script, r.stderr)
+
+
+# --- resume: an interrupted run goes on bit for bit ---------------------------------------------------------
+
+def interrupted_after_first_epoch(config, data, folder):
+    """Train `config` on `data`, stopped by Ctrl-C right after the first epoch's resume.pt is written into `folder`;
+    return that resume.pt as --resume reads it (through the file, with weights_only)."""
+    def stop_after_first_epoch(state):
+        run_folder.save_resume(str(folder), dataclasses.asdict(config), config.model, state, config.data_dir)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model_train.train(config, on_epoch=stop_after_first_epoch, log=quiet, progress=False, data=data)
+    return run_folder.load_resume(str(folder))
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("net-1epoch", dict(epochs=3, batch_size=64)),  # fused Adam, clipping, dropout
+    # AdamW, augmentation, TTA, the best kept, the moving average of the weights
+    ("ressenet-8epoch", dict(epochs=3, batch_size=256, keep_best=True, ema=0.9)),
+    ("ressenet-8epoch", dict(epochs=3, batch_size=256, clean_epochs=1)),  # resumed before the clean epoch
+])
+def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_ends(recipe, overrides, mnist, tmp_path):
+    data = small_split(mnist)
+    config = model_train.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
+    whole_model, whole = model_train.train(config, log=quiet, progress=False, data=data)
+    saved = interrupted_after_first_epoch(config, data, tmp_path)
+    assert len(saved["state"]["history"]) == 1
+    assert model_train.config_from_dict(saved["config"]) == config
+    resumed_model, resumed = model_train.train(config, resume=saved["state"], log=quiet, progress=False, data=data)
+    assert without_timings(resumed) == without_timings(whole)
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in whole_model.state_dict().items())
+
+
+def test_sigterm_keeps_a_resumable_run_and_resume_finishes_it_bit_for_bit(tmp_path, capsys):
+    # net at batch 100 on the 5,000 training images --val-size 55000 leaves: well under a second an epoch.
+    flags = ["--epochs", "4", "--batch-size", "100", "--val-size", "55000", "--no-progress", "--data-dir", DATA_DIR]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = in_process(main.main, [*flags, "--out-dir", str(whole)], capsys)
+    assert r.returncode == 0, r.stderr
+    # The one stopped is a process of its own, killed as a batch system kills it.
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), *flags, "--out-dir", str(cut)],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut / run_folder.RESUME).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.startswith("interrupted: ") and f"python main.py --resume {cut}" in err and "Traceback" not in err
+    assert os.listdir(cut) == [run_folder.RESUME]
+    r = in_process(main.main, ["--resume", str(cut), "--epochs", "5"], capsys)  # it would change the config
+    assert r.returncode == 2 and "--epochs" in r.stderr and os.listdir(cut) == [run_folder.RESUME]
+    r = in_process(main.main, ["--resume", str(cut), "--no-progress"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert "resumed after epoch" in r.stdout
+    assert sorted(os.listdir(cut)) == sorted(os.listdir(whole))  # resume.pt gone: what a finished run keeps
+    a, b = run_folder.read_metrics(str(whole)), run_folder.read_metrics(str(cut))
+    assert without_timings(a) == without_timings(b)
+    wa, wb = (torch.load(d / "model.pt", weights_only=True)["model"] for d in (whole, cut))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    r = in_process(main.main, ["--resume", str(cut)], capsys)
+    assert one_line_error(r) and "finished" in r.stderr
+
+
+SMALL_RUN = ["--epochs", "2", "--batch-size", "100", "--val-size", "55000", "--no-progress", "--data-dir", DATA_DIR]
+# Every step of saving at which Ctrl-C can land: (file, before or after its rename into place, which write of it),
+# and what the folder truly holds then: the epochs resume.pt holds, "finished", or nothing.
+SAVING_STEPS = [("resume.pt", "before", 1, None), ("resume.pt", "after", 1, 1), ("resume.pt", "before", 2, 1),
+                ("model.pt", "after", 1, 2), ("metrics.json", "before", 1, 2), ("metrics.json", "after", 1, "finished")]
+
+
+@pytest.mark.parametrize("name, when, nth, holds", SAVING_STEPS)
+def test_an_interrupt_at_any_step_of_saving_says_what_the_folder_holds(name, when, nth, holds, tmp_path,
+                                                                      monkeypatch, capsys):
+    out, rename, seen = tmp_path / "run", os.replace, []
+
+    def interrupted_rename(src, dst):  # Ctrl-C arriving just before or just after one rename
+        if os.path.basename(dst) == name:
+            seen.append(dst)
+        if len(seen) == nth and when == "before" and os.path.basename(dst) == name:
+            raise KeyboardInterrupt
+        rename(src, dst)
+        if len(seen) == nth and when == "after" and os.path.basename(dst) == name:
+            seen.append("raised")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_rename)
+    r = in_process(main.main, [*SMALL_RUN, "--out-dir", str(out)], capsys)
+    monkeypatch.setattr(os, "replace", rename)
+    said = r.stderr.strip()
+    assert r.returncode == 130 and said.startswith("interrupted: ") and len(said.splitlines()) == 1, said
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")] if out.exists() else True  # no temp file
+    if holds is None:
+        assert said == "interrupted: nothing was saved" and not out.exists()
+    elif holds == "finished":
+        assert "finished run is saved" in said and run_folder.RESUME not in os.listdir(out)
+        assert run_folder.read_metrics(str(out))["test_acc"] > 0
+    else:
+        assert f"keeps the run after epoch {holds} of 2" in said and f"--resume {out}" in said
+        assert len(run_folder.load_resume(str(out))["state"]["history"]) == holds  # what the file holds
+        assert in_process(main.main, ["--resume", str(out), "--no-progress"], capsys).returncode == 0
+        assert sorted(os.listdir(out)) == ["confusion.png", "curves.png", "metrics.json", "mistakes.png", "model.pt"]
+
+
+@pytest.fixture()
+def resume_folder(mnist, tmp_path):
+    """A run folder with the resume.pt of a net-1epoch run stopped after the first of 3 epochs."""
+    config = model_train.recipe_config("net-1epoch", epochs=3, batch_size=256, data_dir=DATA_DIR)
+    (tmp_path / "run").mkdir()
+    interrupted_after_first_epoch(config, small_split(mnist), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_damaged_resume_file_is_refused_before_use(resume_folder, capsys):
+    path = resume_folder / run_folder.RESUME
+    data = bytearray(path.read_bytes())
+    weights = torch.load(path, weights_only=True)["state"]["model"]["fc1.weight"]
+    at = data.find(weights.numpy().tobytes()[:64])  # inside fc1's weights: the file still loads without a check
+    data[at + 100:at + 164] = bytes(b ^ 0xFF for b in data[at + 100:at + 164])
+    path.write_bytes(data)
+    r = in_process(main.main, ["--resume", str(resume_folder)], capsys)
+    assert one_line_error(r) and "damaged" in r.stderr and "fc1.weight" not in r.stderr
+
+
+def test_a_resume_file_whose_config_does_not_fit_its_weights_is_refused(resume_folder, capsys):
+    path = resume_folder / run_folder.RESUME
+    resume = torch.load(path, weights_only=True)
+    resume["config"]["model"] = "ressenet"
+    torch.save(resume, path)
+    r = in_process(main.main, ["--resume", str(resume_folder)], capsys)
+    assert one_line_error(r) and "'ressenet'" in r.stderr and "'net'" in r.stderr
+    resume["model_name"] = "ressenet"  # both say ressenet; the weights are net's
+    torch.save(resume, path)
+    r = in_process(main.main, ["--resume", str(resume_folder)], capsys)
+    assert one_line_error(r) and "do not fit the 'ressenet' network" in r.stderr
+
+
+def test_a_run_resumed_from_another_folder_finds_its_data(tmp_path, monkeypatch, capsys):
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "start")  # the run names its data relative to where it started
+    flags = [*SMALL_RUN[:-1], os.path.relpath(DATA_DIR), "--out-dir", str(tmp_path / "run")]
+    rename = os.replace
+
+    def stop_after_resume(src, dst):
+        rename(src, dst)
+        if dst.endswith(run_folder.RESUME):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stop_after_resume)
+    assert in_process(main.main, flags, capsys).returncode == 130
+    monkeypatch.setattr(os, "replace", rename)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = in_process(main.main, ["--resume", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path / "elsewhere") == [] and "fetched" not in r.stdout  # MNIST found where it was
+    # --data-dir may come with --resume: where the data lives is not part of what the run computes
+    args = main.parse_args(["--resume", str(tmp_path / "run"), "--data-dir", DATA_DIR])
+    assert args.data_dir == DATA_DIR
+
+
+# --- the commands on real checkpoints: predict, evaluate, report --------------------------------------------
+
+def test_evaluate_without_a_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    r = in_process(main.main, ["evaluate"], capsys)
+    assert one_line_error(r) and "python main.py" in r.stderr
+    r = in_process(main.main, ["evaluate", str(tmp_path / "nowhere")], capsys)
+    assert one_line_error(r) and "nowhere" in r.stderr
+
+
+def write_run(folder, recipe="net-1epoch", seed=1, test_acc=98.0, seconds=7.0, tta=None, device="cpu",
+              finished=True, **overrides):
+    """A run folder as main.py leaves it (metrics.json only), with the given figures."""
+    config = model_train.recipe_config(recipe, seed=seed, **overrides)
+    folder.mkdir(parents=True)
+    if not finished:
+        (folder / run_folder.RESUME).write_bytes(b"")
+        return
+    metrics = {"recipe": recipe, "model": config.model, "parameters": 13_242, "seed": seed, "device": device,
+               "torch": "2.14.1", "test_acc": test_acc, "train_seconds": seconds}
+    if tta is not None:
+        metrics["test_acc_tta"] = tta
+    run_folder.save(str(folder), dataclasses.asdict(config), None, metrics, save_model=False)
+
+
+def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_path, capsys):
+    for seed, acc, secs in ((3, 98.4, 8.0), (1, 98.0, 6.0), (2, 98.2, 7.0)):
+        write_run(tmp_path / f"net-s{seed}", seed=seed, test_acc=acc, seconds=secs)
+    write_run(tmp_path / "net-b50", batch_size=50, test_acc=97.5)       # another config: its own row
+    write_run(tmp_path / "net-cuda", device="cuda:0", test_acc=98.1)     # another device: its own row
+    write_run(tmp_path / "res-s1", "ressenet-8epoch", 1, 99.3, 27.0, tta=99.5)
+    write_run(tmp_path / "res-s2", "ressenet-8epoch", 2, 99.5, 28.0, tta=99.6)
+    run_folder.save_uci(str(tmp_path / "res-s1"), {"a": 97.0, "b": 95.0})
+    run_folder.save_uci(str(tmp_path / "res-s2"), {"a": 99.0, "b": 97.0})
+    write_run(tmp_path / "dry", dry_run=True, test_acc=10.0)
+    write_run(tmp_path / "cut", finished=False)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "metrics.json").write_text('{"config": {"recipe": "net-1')  # cut off
+    assert main.main(["report", *sorted(str(p) for p in tmp_path.iterdir())]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    header = [name.strip() for name in lines[0].strip("|").split("|")]
+    table = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:6]]
+    assert len(table) == 4 and lines[6:] == ["", "Every row: torch 2.14.1."]  # the one value all rows share
+    rows = {(r["recipe"].strip("`"), r["device"]): r for r in table}
+    assert rows["net-1epoch", "cuda:0"]["test, single-view"] == "98.10%"
+    rows = {recipe: row for (recipe, device), row in rows.items() if device == "cpu"}
+    net = rows["net-1epoch"]
+    assert [net[k] for k in ("n", "seeds", "test, single-view", "test, with TTA", "UCI digits (worst form)",
+                             "training")] == ["3", "1, 2, 3", "98.20 ± 0.20%", "—", "—", "7.0 ± 1.0 s"]  # sample std
+    assert rows["net-1epoch --batch-size 50"]["test, single-view"] == "97.50%"
+    # UCI digits: per-seed means over the forms 96 and 98; the worst form's mean over seeds 96
+    res = rows["ressenet-8epoch"]
+    assert [res[k] for k in ("test, single-view", "test, with TTA", "UCI digits (worst form)", "training")] == \
+        ["99.40 ± 0.14%", "99.55 ± 0.07%", "97.0 ± 1.4% (96.0%)", "27.5 ± 0.7 s"]
+    assert err.strip() == "left out: dry runs: 1, unfinished runs: 1, unreadable runs: 1, folders that are not runs: 1"
+    assert main.main(["report", "--csv", str(tmp_path / "net-s1"), str(tmp_path / "net-s2")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split(",")[:8] == ["net-1epoch", "net", "13242", "1", "2", "1 2", "98.1000", "0.1414"]
+
+
+def test_report_of_a_missing_folder_or_of_no_runs_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    r = in_process(main.main, ["report", str(tmp_path / "nowhere")], capsys)
+    assert one_line_error(r) and "nowhere" in r.stderr
+    r = in_process(main.main, ["report"], capsys)
+    assert one_line_error(r) and "python main.py" in r.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, seed1_checkpoint, mnist):
+    _, model, metrics = seed1_run
+    checkpoint = torch.load(seed1_checkpoint, weights_only=True)
+    assert checkpoint["model_name"] == "net" and checkpoint["config"]["batch_size"] == 10
+    fresh, _ = run_folder.load_checkpoint(seed1_checkpoint, "net")
+    assert model_train.measure(fresh, *mnist["test"])["acc"] == metrics["test_acc"]
+    # no temporary files left beside the results
+    assert sorted(os.listdir(seed1_checkpoint.parent)) == ["confusion.png", "curves.png", "metrics.json",
+                                                           "mistakes.png", "model.pt"]
+
+
+@pytest.mark.slow
+def test_predict_reads_real_digits_in_any_form(seed1_checkpoint, test_digits, tmp_path):
+    files = write_digit_variants(tmp_path, test_digits[0][:10], test_digits[1][:10])
+    r = run_cli("predict", *[str(p) for p, _ in files], "--checkpoint", str(seed1_checkpoint))  # as a user would
+    assert r.returncode == 0, r.stderr
+    said = predicted(r.stdout)
+    correct = sum(said[str(p)] == label for p, label in files)
+    assert correct >= 36, f"{correct}/40 digits right"  # the network scores ~98% on these digits as MNIST
+
+
+@pytest.mark.slow
+def test_predict_scores_as_the_checkpoint_was_scored(seed2_run, seed2_folder, test_digits, tmp_path, monkeypatch,
+                                                     capsys):
+    files = [(p, label) for p, label in write_digit_variants(tmp_path, test_digits[0][:10], test_digits[1][:10])
+             if "plain" in p.name]
+    real, calls = model_train.predict_log_probs, []
+    monkeypatch.setattr(model_train, "predict_log_probs",
+                        lambda m, x, tta=False: calls.append(tta) or real(m, x, tta))
+    r = in_process(main.main, ["predict", *(str(p) for p, _ in files), "--checkpoint", str(seed2_folder)], capsys)
+    assert r.returncode == 0
+    assert seed2_run[0].tta and calls == [True] * len(files)  # the seed-2 recipe's test-time augmentation
+    said = predicted(r.stdout)
+    assert sum(said[str(p)] == label for p, label in files) >= 9
+
+
+@pytest.mark.slow
+def test_predict_bad_images_are_one_line_errors(seed1_checkpoint, tmp_path, capsys):
+    Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    bad = [tmp_path / "blank.png", tmp_path / "empty.png", tmp_path / "notes.png", tmp_path / "missing.png"]
+    r = in_process(main.main, ["predict", *map(str, bad), "--checkpoint", str(seed1_checkpoint)], capsys)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 4 and all(line.startswith("error: ") for line in r.stderr.splitlines())
+    r = in_process(main.main, ["predict", str(bad[0]), "--checkpoint", str(tmp_path / "none.pt")], capsys)
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'none.pt'}: no such checkpoint\n"
+
+
+class Boom:
+    """A pickle that would create a file when loaded without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_are_refused_clearly(seed1_checkpoint, tmp_path):
+    with pytest.raises(run_folder.RunFolderError, match="holds a 'net' network, not the 'ressenet' network"):
+        run_folder.load_checkpoint(seed1_checkpoint, "ressenet")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(seed1_checkpoint.read_bytes()[:5000])
+    with pytest.raises(run_folder.RunFolderError, match="not a readable checkpoint"):
+        run_folder.load_checkpoint(truncated)
+    evil, flag = tmp_path / "evil.pt", tmp_path / "code-ran"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": Boom(str(flag)), "model_name": "net"}, f, protocol=2)
+    with pytest.raises(run_folder.RunFolderError, match="not a readable checkpoint"):
+        run_folder.load_checkpoint(evil)
+    assert not flag.exists()  # weights_only: nothing in the file was run
+    mislabelled = tmp_path / "mislabelled.pt"
+    torch.save({"model": build_model("ressenet").state_dict(), "model_name": "net"}, mislabelled)
+    with pytest.raises(run_folder.RunFolderError, match="do not fit the 'net' network"):
+        run_folder.load_checkpoint(mislabelled)
+
+
+def evaluate_cli(run_dir, capsys, *flags):
+    """`python main.py evaluate RUN_DIR`: {figure name: value} from its output, and the output."""
+    r = in_process(main.main, ["evaluate", str(run_dir), *flags], capsys)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[1]  # "test set, 10,000 images: accuracy 99.37% loss 0.1234 single-view, ..."
+    figures = {}
+    for part in line.split(": ", 1)[1].split(", "):
+        words = part.split()
+        view = "_tta" if part.endswith("with TTA") else ""
+        figures["acc" + view], figures["loss" + view] = float(words[1].rstrip("%")), float(words[3])
+    return figures, r.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_gives_what_the_run_recorded_on_test_and_validation(seed2_run, seed2_folder, seed1_checkpoint,
+                                                                    capsys):
+    config, model, metrics = seed2_run
+    figures, out = evaluate_cli(seed2_folder, capsys)
+    assert figures["acc"] == round(metrics["test_acc"], 2) and figures["acc_tta"] == round(metrics["test_acc_tta"], 2)
+    assert figures["loss"] == round(metrics["test_loss"], 4) and figures["loss_tta"] == round(metrics["test_loss_tta"], 4)
+    assert "per-class accuracy with TTA: 0 " in out
+    kept = metrics["epochs"][metrics["kept_epoch"] - 1]
+    figures, _ = evaluate_cli(seed2_folder, capsys, "--split", "val")  # the split rebuilt from the run's seed and size
+    assert figures == {k: round(kept["val_" + k], 2 if k.startswith("acc") else 4)
+                       for k in ("acc", "loss", "acc_tta", "loss_tta")}
+    # To the last bit: the same kernels, layout and batches as the run.
+    fresh, _ = run_folder.load_checkpoint(seed2_folder / "model.pt")
+    result = model_train.rescore(fresh, config, "test", log=quiet)
+    assert (result["acc"], result["loss"], result["acc_tta"]) == (metrics["test_acc"], metrics["test_loss"],
+                                                                  metrics["test_acc_tta"])
+    # The seed-1 run held out nothing: its validation split is refused in one line; its test figure agrees.
+    r = in_process(main.main, ["evaluate", str(seed1_checkpoint), "--split", "val"], capsys)
+    assert one_line_error(r) and "no validation split" in r.stderr
+    net_run = torch.load(seed1_checkpoint, weights_only=True)["metrics"]
+    assert evaluate_cli(seed1_checkpoint, capsys)[0]["acc"] == round(net_run["test_acc"], 2)
