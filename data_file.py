@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 # torchvision is imported inside the functions that use it: 3.5 s on 2 cores that --help need not pay
 
 MEAN, STD = 0.1307, 0.3081
@@ -362,17 +362,32 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
 
 # --- an image file as a digit, the way MNIST's digits were made ---------------------------------------------
 
+MAX_SIDE = 1024  # an image larger than this on its longer side is reduced while it is decoded
+EXIF_ORIENTATION = 0x0112  # the tag a phone writes instead of turning the pixels
+
+
 def read_gray(path, name=None, max_pixels=None):
     """An image file (a path, or a binary file object named `name` in messages) as float32 (H, W) in [0, 1]:
-    transparency composited on white, 16-bit scaled down. With max_pixels, a larger image is refused from its
-    header, before it is decoded (the server's bound on what an upload can cost)."""
+    turned upright as its EXIF orientation says (a phone photo), transparency composited on white, 16-bit scaled
+    down. With max_pixels, a larger image is refused from its header, before it is decoded (the server's bound on
+    what an upload can cost). An image over MAX_SIDE is reduced to at most MAX_SIDE by a box filter as soon as it
+    is decoded (a JPEG decodes at a fraction of its size), so what follows costs at most a few MB whatever came in."""
     path_text = path if name is None else name
     try:
         with Image.open(path) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageError(f"{path_text}: {img.width}x{img.height} pixels is too large "
                                  f"(at most {max_pixels:,})")
+            if max(img.size) > MAX_SIDE:
+                img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decoded at 1/2, 1/4 or 1/8 scale
             img.load()
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            if max(img.size) > MAX_SIDE:
+                # Pillow reduces these modes as they are; the others are widened first.
+                img = img if img.mode in ("L", "LA", "RGB", "RGBA", "I", "F") else \
+                    img.convert({"I;16": "I", "1": "L"}.get(img.mode, "RGBA"))
+                img = img.reduce(-(-max(img.size) // MAX_SIDE))
             if img.mode.startswith("I"):  # 16- or 32-bit integer greyscale
                 a = np.asarray(img, dtype=np.float64)
                 return (a / (255.0 if a.max() <= 255 else 65535.0)).clip(0, 1).astype(np.float32)

@@ -6,14 +6,21 @@
 The page posts the canvas as a PNG after every stroke; the answer comes from exactly `predict`'s path
 (data_file.digit_from_image, then the network, with TTA when the checkpoint's run was scored with it), with the
 28x28 image the network saw. Only two routes exist: GET / (the page) and POST /predict; nothing on disk is
-served by its path. Bodies are bounded (MAX_BODY) and checked before they are read.
+served by its path. What a client can cost is bounded: the body (MAX_BODY, checked before it is read), the
+pixels (MAX_PIXELS, from the header; larger images are reduced as they are decoded, data_file.MAX_SIDE), the
+images decoded at once (DECODES_AT_ONCE), the time a request may take to arrive (REQUEST_DEADLINE_S, then
+408), and the connections open at once (MAX_CONNECTIONS, then 503). Every answer, the standard library's own
+refusals too, is JSON; a client that goes away mid-request leaves no traceback.
 """
 import base64
 import http.server
 import io
 import json
 import os
+import socket
+import sys
 import threading
+import time
 import urllib.parse
 
 import torch
@@ -25,7 +32,10 @@ import model_train
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
 MAX_BODY = 1 << 20  # 1 MiB: a 280x280 canvas PNG is ~5-20 kB; a phone's at devicePixelRatio 3 under 200 kB
 MAX_PIXELS = 4096 * 4096  # a small PNG can claim a huge canvas: refused from its header, never decoded
-READ_TIMEOUT_S = 10  # a client that stops sending mid-request frees its thread after this
+DECODES_AT_ONCE = 2  # each decode of a 4096x4096 upload holds up to ~100 MB while it lasts
+REQUEST_DEADLINE_S = 10  # a request's line, headers and body must all arrive within this, however slowly sent
+MAX_CONNECTIONS = 256  # open at once; one more is answered 503 at once, never queued behind slow clients
+BACKLOG = 128  # connections the kernel holds while the server accepts: a burst of clients waits, none is reset
 
 
 def preview_png(digit):
@@ -37,30 +47,43 @@ def preview_png(digit):
 
 
 class Predictor:
-    """A loaded checkpoint answering for PNG bytes; one forward pass at a time (the server is threaded)."""
+    """A loaded checkpoint answering for image bytes: DECODES_AT_ONCE images decoded at a time, one forward pass
+    at a time (the server is threaded)."""
 
     def __init__(self, model, checkpoint):
         self.model, self.tta = model, model_train.checkpoint_tta(checkpoint)
-        self.lock = threading.Lock()
+        self.lock, self.decoding = threading.Lock(), threading.BoundedSemaphore(DECODES_AT_ONCE)
 
     def __call__(self, body):
         """{"digit", "probabilities", "preview"} for an uploaded image; data_file.ImageError if it holds none."""
-        digit = data_file.digit_from_image(io.BytesIO(body), name="the uploaded image", max_pixels=MAX_PIXELS)
+        with self.decoding:
+            digit = data_file.digit_from_image(io.BytesIO(body), name="the uploaded image", max_pixels=MAX_PIXELS)
         with self.lock:
             probs = model_train.digit_probabilities(self.model, digit, self.tta)
         return {"digit": int(probs.argmax()), "probabilities": [round(p, 6) for p in probs.tolist()],
                 "preview": preview_png(digit)}
 
 
+def busy_answer():
+    """The whole 503 answer to a connection over MAX_CONNECTIONS, written before any handler exists for it."""
+    body = json.dumps({"error": f"the server has {MAX_CONNECTIONS} connections open; try again"}).encode()
+    return (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+            f"\r\nConnection: close\r\n\r\n").encode() + body
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """GET / and POST /predict; every error a JSON {"error": ...} with its status. server.predictor answers."""
 
     server_version = "mnist-draw"
-    timeout = READ_TIMEOUT_S
+    timeout = REQUEST_DEADLINE_S  # also bounds a write to a client that stops reading
     ROUTES = {"/": "GET", "/predict": "POST"}
 
     def log_message(self, format, *args):  # quiet: the terminal shows the address, not every stroke
         pass
+
+    def handle_one_request(self):
+        self.server.start_deadline(self.connection)  # for this request's line, headers and body
+        super().handle_one_request()
 
     def send_json(self, status, payload, close=False, headers=()):
         body = json.dumps(payload).encode()
@@ -75,8 +98,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":  # a HEAD answer has the headers of the body it leaves out
             self.wfile.write(body)
 
+    def send_error(self, code, message=None, explain=None):
+        # The standard library's own refusals (a bad request line, 414, 431, 505) in the shape of every answer,
+        # with a status line even when the request line was too broken to say its HTTP version.
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]}, close=True)
+
+    def late(self):
+        """Whether the request came whole only after its deadline (cut off in its headers, say): then answered 408."""
+        if self.server.past_deadline(self.connection):
+            self.send_json(408, {"error": f"the request did not arrive within {REQUEST_DEADLINE_S} s"}, close=True)
+            return True
+        return False
+
     def route(self, method):
-        """The path's route, or None after answering 404 (unknown path) or 405 (another method)."""
+        """The path's route, or None after answering 408 (late), 404 (unknown path) or 405 (another method)."""
+        if self.late():
+            return None
         path = urllib.parse.urlsplit(self.path).path
         if path not in self.ROUTES:
             self.send_json(404, {"error": f"no such page: {path}"}, close=method != "GET")
@@ -90,6 +129,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.route("GET"):
+            self.server.end_deadline(self.connection)
             body = self.server.page
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -103,16 +143,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return self.send_json(411, {"error": "Content-Length is required"}, close=True)
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, and int("²") fails
             return self.send_json(400, {"error": f"bad Content-Length: {length!r}"}, close=True)
         if int(length) > MAX_BODY:
             return self.send_json(413, {"error": f"the image is over {MAX_BODY:,} bytes"}, close=True)
         try:
             body = self.rfile.read(int(length))
         except TimeoutError:
-            return self.send_json(400, {"error": "the body did not arrive in time"}, close=True)
+            body = b""
         if len(body) < int(length):
+            if self.late():
+                return
             return self.send_json(400, {"error": "the body is shorter than its Content-Length"}, close=True)
+        self.server.end_deadline(self.connection)
         try:
             answer = self.server.predictor(body)
         except data_file.ImageError as e:
@@ -129,14 +172,86 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise AttributeError(name)
 
 
+class Server(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once, each request held to REQUEST_DEADLINE_S by one
+    watchdog thread that cuts off the reading side of a late connection (the handler then answers 408)."""
+
+    request_queue_size = BACKLOG
+    # Ctrl-C joins the handler threads before the interpreter shuts down (a daemon thread cut off mid-request
+    # there could abort the process); server_close first cuts every connection, so the join takes milliseconds.
+    daemon_threads, block_on_close = False, True
+
+    def __init__(self, address, predictor, page):
+        self.deadlines, self.lock = {}, threading.Lock()  # open connection -> its request's deadline, or None
+        super().__init__(address, Handler)  # binds: an address in use fails here, and closes what it opened
+        self.predictor, self.page = predictor, page
+        threading.Thread(target=self.watch_deadlines, daemon=True).start()
+
+    def process_request(self, request, client_address):
+        with self.lock:
+            full = len(self.deadlines) >= MAX_CONNECTIONS
+            if not full:
+                self.deadlines[request] = None
+        if full:
+            try:
+                request.sendall(busy_answer())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def start_deadline(self, connection):
+        with self.lock:
+            self.deadlines[connection] = time.monotonic() + REQUEST_DEADLINE_S
+
+    def end_deadline(self, connection):
+        """The request has arrived whole: answering it is not held to the deadline."""
+        with self.lock:
+            self.deadlines[connection] = None
+
+    def past_deadline(self, connection):
+        deadline = self.deadlines.get(connection)
+        return deadline is not None and time.monotonic() >= deadline
+
+    def watch_deadlines(self):
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self.lock:
+                late = [c for c, deadline in self.deadlines.items() if deadline is not None and deadline <= now]
+            for connection in late:
+                cut(connection, socket.SHUT_RD)  # its blocked read returns at once
+
+    def handle_error(self, request, client_address):
+        # A client that went away mid-request (reset, closed early, cut off) is no fault of the server's.
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return
+        print(f"error: a request from {client_address[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+
+    def server_close(self):
+        with self.lock:
+            open_now = list(self.deadlines)
+        for connection in open_now:  # slow clients included: Ctrl-C ends the server at once
+            cut(connection, socket.SHUT_RDWR)
+        super().server_close()
+
+
+def cut(connection, how):
+    try:
+        connection.shutdown(how)
+    except OSError:  # closed already
+        pass
+
+
 def make_server(predictor, host="127.0.0.1", port=8000):
-    """A ThreadingHTTPServer bound to (host, port) answering with `predictor`; port 0 picks a free one."""
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
-    # Ctrl-C joins the handler threads (each bounded by the read timeout) before the interpreter shuts down:
-    # a daemon thread cut off mid-request there could abort the process ("terminate called without an active
-    # exception", 1 run in 8 of the Ctrl-C test).
-    server.daemon_threads, server.block_on_close = False, True
-    server.predictor = predictor
+    """A Server bound to (host, port) answering with `predictor`; port 0 picks a free one."""
     with open(PAGE, "rb") as f:
-        server.page = f.read()
-    return server
+        page = f.read()
+    return Server((host, port), predictor, page)

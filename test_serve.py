@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data_file
@@ -100,6 +101,141 @@ def test_server_answers_concurrent_requests_each_its_own(server, test_digits, tm
     assert all(status == 200 and answer["probabilities"] == alone[i % 8] for i, (status, answer) in enumerate(answers))
 
 
+# --- the server under load and hostile clients: bursts, slow clients, clients that go away -----------------------
+
+def post_bytes(port, body, barrier=None):
+    """One POST /predict of `body` on a connection of its own, opened when `barrier` lets every client go at once:
+    (status, parsed JSON)."""
+    import http.client
+    import json
+    if barrier is not None:
+        barrier.wait()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/predict", body=body, headers={"Content-Type": "image/png"})
+    response = connection.getresponse()
+    answer = response.status, json.loads(response.read())
+    connection.close()
+    return answer
+
+
+@pytest.mark.slow
+def test_a_burst_of_128_clients_is_answered_each_as_if_alone(server, test_digits, tmp_path):
+    import threading
+    files = [p.read_bytes() for p, _ in write_digit_variants(tmp_path, test_digits[0][:8], test_digits[1][:8])
+             if "plain" in p.name]
+    port = server.server_address[1]
+    alone = [post_bytes(port, body) for body in files]
+    barrier = threading.Barrier(128)
+    with ThreadPoolExecutor(128) as pool:  # 128 connections opened at the same instant: none is reset
+        answers = list(pool.map(lambda i: post_bytes(port, files[i % 8], barrier), range(128)))
+    assert answers == [alone[i % 8] for i in range(128)]
+
+
+def slow_client(port, head=b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"):
+    """A connection that sends a request's start and then nothing more: what a slow or hostile client holds open."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(head)
+    return s
+
+
+def test_slow_clients_are_cut_off_at_the_deadline_and_never_delay_others(server, monkeypatch):
+    import time
+    monkeypatch.setattr(serve, "REQUEST_DEADLINE_S", 1)
+    port = server.server_address[1]
+    slow = [slow_client(port) for _ in range(20)] + [slow_client(port, b"POST /predict HTTP/1.1\r\nHo")]
+    start = time.monotonic()
+    status, _ = http_request(server, "GET", "/")
+    assert status == 200 and time.monotonic() - start < 1  # served beside them, not after them
+    answers = [s.makefile("rb").read().decode("latin-1") for s in slow]  # each ends when the server cuts it off
+    waited = time.monotonic() - start
+    for s in slow:
+        s.close()
+    assert waited < 3, waited  # the deadline, checked every 0.1 s, with room for a loaded machine
+    assert all(a.startswith("HTTP/1.0 408 ") and '"error"' in a for a in answers)  # the last cut off in its headers
+
+
+def test_connections_over_the_bound_are_answered_503_at_once(tmp_path, seed1_checkpoint, monkeypatch):
+    from conftest import start_server, stop_server
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 3)
+    srv = start_server(seed1_checkpoint)
+    try:
+        held = [slow_client(srv.server_address[1]) for _ in range(3)]
+        import time
+        time.sleep(0.2)  # accepted and counted
+        status, body = raw_request(srv, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status.startswith("HTTP/1.0 503") and "connections open" in body
+        for s in held:
+            s.close()
+    finally:
+        stop_server(srv)
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"NONSENSE\r\n\r\n", 400),                                    # not a request line
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),          # a request line over 64 KiB
+    (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),     # over 100 headers
+    (b"GET / HTTP/2.0\r\n\r\n", 505),                              # a version it does not speak
+    (b"POST /predict HTTP/1.1\r\nContent-Length: \xc2\xb2\r\n\r\n", 400),  # "²": isdigit() yet no number
+])
+def test_every_refusal_is_json_the_standard_librarys_too(server, head, status, capfd):
+    import json
+    line, body = raw_request(server, head)
+    assert line.split()[1] == str(status) and "error" in json.loads(body)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_clients_that_go_away_mid_request_leave_no_traceback(server, test_digits, tmp_path, capfd):
+    import struct
+    body = [p for p, _ in write_digit_variants(tmp_path, test_digits[0][:1], test_digits[1][:1])][1].read_bytes()
+    port = server.server_address[1]
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    for _ in range(5):
+        s = slow_client(port, head + body[:len(body) // 2])  # reset half-way through the body
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        s = slow_client(port, head + body)  # the whole request, gone before the answer
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    assert http_request(server, "GET", "/")[0] == 200  # still serving
+    import time
+    time.sleep(0.5)  # the handlers of the ones that left have finished
+    assert capfd.readouterr().err == ""
+
+
+def test_stopping_the_server_ends_slow_connections_within_a_second(seed1_checkpoint):
+    import time
+    from conftest import start_server, stop_server
+    srv = start_server(seed1_checkpoint)
+    slow = [slow_client(srv.server_address[1]) for _ in range(10)]
+    time.sleep(0.2)
+    start = time.monotonic()
+    stop_server(srv)  # what Ctrl-C does: serve_command's server_close
+    assert time.monotonic() - start < 1
+    for s in slow:
+        s.close()
+
+
+def test_a_phone_photo_is_read_upright_from_its_exif_orientation(server, test_digits, tmp_path):
+    upright = Image.fromarray(255 - test_digits[0][0].numpy()).resize((280, 280))  # a 7, dark on white
+    exif = Image.Exif()
+    exif[data_file.EXIF_ORIENTATION] = 6  # what a phone held upright writes: "turn 90 degrees clockwise to show"
+    upright.save(tmp_path / "upright.png")
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    expected = data_file.digit_from_image(tmp_path / "upright.png")
+    assert torch.equal(data_file.digit_from_image(tmp_path / "sideways.png"), expected)
+    _, answer = http_request(server, "POST", "/predict", (tmp_path / "sideways.png").read_bytes())
+    assert answer["digit"] == http_request(server, "POST", "/predict", (tmp_path / "upright.png").read_bytes())[1]["digit"]
+
+
+def test_a_large_image_is_reduced_as_it_is_decoded_and_reads_the_same(test_digits, tmp_path):
+    digit = Image.fromarray(255 - test_digits[0][0].numpy())
+    digit.resize((4000, 4000), Image.BILINEAR).save(tmp_path / "large.png")
+    digit.resize((1000, 1000), Image.BILINEAR).save(tmp_path / "small.png")
+    assert data_file.read_gray(tmp_path / "large.png").shape == (1000, 1000)  # reduced by 4 before anything else
+    large, small = (data_file.digit_from_image(tmp_path / f"{n}.png") for n in ("large", "small"))
+    assert (large - small).abs().max() < 0.05 * data_file.STD ** -1  # within 5% of the ink scale, pixel by pixel
+
+
 # --- the drawing page in a real headless Chromium (pytest -m browser) ---------------------------------------
 
 @pytest.mark.browser
@@ -165,3 +301,53 @@ def test_page_fits_a_phone_sized_window(page, test_digits):
         assert page.find_element("id", "bar9").is_displayed()
     finally:
         page.set_window_size(1000, 800)
+
+
+@pytest.mark.browser
+def test_an_answer_for_a_cleared_drawing_never_shows(page, server, monkeypatch):
+    import threading
+    import time
+    calls, real = [], server.predictor
+
+    def slow_first(body):  # the first drawing's answer arrives after the second's
+        calls.append(1)
+        answer = dict(real(body), digit=len(calls))
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return answer
+
+    monkeypatch.setattr(server, "predictor", slow_first)
+    from selenium.webdriver.common.action_chains import ActionChains
+    canvas = page.find_element("id", "pad")
+
+    def one_stroke(dy):
+        ActionChains(page).move_to_element_with_offset(canvas, -40, dy).click_and_hold().move_by_offset(80, 0) \
+            .release().perform()
+
+    one_stroke(0)  # the first drawing: one stroke, its answer on its way
+    page.find_element("id", "clear").click()
+    one_stroke(30)  # the second: one stroke too, so only the count of requests tells the answers apart
+    digit, _ = wait_for_answer(page, 1)
+    assert digit == "2" and len(calls) == 2
+    threading.Event().wait(2.0)  # the first drawing's answer has arrived by now, and was dropped
+    assert page.find_element("id", "digit").text == digit
+
+
+@pytest.mark.browser
+def test_the_drawing_survives_a_resize_and_the_page_has_its_own_icon(page, test_digits):
+    ink = "const c = document.getElementById('pad'); const d = c.getContext('2d').getImageData(0, 0, c.width, " \
+          "c.height).data; let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return [n, c.width];"
+    try:
+        strokes = draw_digit(page, test_digits[0][4].numpy())
+        wait_for_answer(page, strokes)
+        before, width = page.execute_script(ink)
+        page.set_window_size(300, 700)  # the canvas shrinks with the window (min(86vw, 320px))
+        from selenium.webdriver.support.ui import WebDriverWait
+        WebDriverWait(page, 10).until(lambda d: d.execute_script(ink)[1] != width)
+        after, new_width = page.execute_script(ink)
+        assert after > 0.5 * before * (new_width / width) ** 2  # the same strokes, scaled to the new size
+        assert page.find_element("id", "digit").text != ""
+    finally:
+        page.set_window_size(1000, 800)
+    icon = page.find_element("css selector", "link[rel=icon]").get_attribute("href")
+    assert icon.startswith("data:image/svg+xml")  # drawn inline: no request for /favicon.ico
