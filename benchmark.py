@@ -1,10 +1,12 @@
-"""Training speed, measured as ratios in one process: variants run round-robin so machine noise hits each alike.
+"""Training speed, measured as ratios in one process (variants run round-robin so machine noise hits each alike),
+and the server under load.
 
     python benchmark.py                          # the seed-1 loop: DataLoader pipeline against in-memory paths
     python benchmark.py --suite ressenet --rounds 7
     python benchmark.py --suite small --rounds 7
     python benchmark.py --suite one-epoch --rounds 5
     python benchmark.py --suite race               # one epoch against the public 99%-in-one-epoch recipe
+    python benchmark.py --suite serve              # python main.py serve, under load and hostile clients
 
 --suite pipeline trains the net-1epoch recipe (batch 10, Adam + OneCycleLR, clipping) three ways from the same
 initial weights on the same shuffled order:
@@ -28,6 +30,13 @@ in one process: the best-known public "99% in one epoch" recipe (PUBLIC_RECIPE o
 loop as published) against our recipes (--recipes, through model_train.train). It prints each run's seconds
 (network built, one epoch trained; data loading and test scoring excluded for every variant alike) and test
 accuracy, then per variant the median seconds, their ratio to the public recipe's, and the test accuracies.
+
+--suite serve starts `python main.py serve` (--checkpoint, default the newest run) in a process of its own and
+measures it from outside: 128 simultaneous POSTs of real test digits against the same digits sent one by one,
+the peak memory (VmHWM) above idle while 64 simultaneous 4096x4096 uploads are read, the slowest of 10 normal
+requests made while 200 slow clients hold connections open and how long any of those outlives its deadline, a
+hostile set (malformed request lines, headers, lengths; clients that reset or leave early) with the tracebacks
+counted on the server's stderr, and how long Ctrl-C takes to stop it.
 """
 import argparse
 import statistics
@@ -195,7 +204,8 @@ def race(args):
 def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race"), default="pipeline",
+    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race", "serve"),
+                   default="pipeline",
                    help="which variants to time (see the top of this file)")
     p.add_argument("--steps", type=POSITIVE_INT, default=2000,
                    help="pipeline: training steps per variant and round")
@@ -207,8 +217,11 @@ def benchmark(argv=None):
     p.add_argument("--recipes", nargs="+", choices=sorted(model_train.RECIPES), default=list(RACE_RECIPES),
                    help="race: our one-epoch recipes against the public one")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
+    p.add_argument("--checkpoint", help="serve: the checkpoint served (default: the newest runs/*/model.pt)")
     args = p.parse_args(argv)
     try:
+        if args.suite == "serve":
+            return benchmark_serve(args)
         if args.suite == "race":
             race(args)
             return 0
@@ -252,6 +265,124 @@ def benchmark_pipeline(args, train):
     for v in VARIANTS + ("floor",):
         t = statistics.median(times[v])
         print(f"{v:<10} {1e3 * t:8.3f} {6000 * t:8.1f} {base / t:7.2f}x")
+
+
+
+def serve_process(checkpoint):
+    """`python main.py serve` on a free port in a process of its own: (process, port)."""
+    import subprocess
+    flags = ["--checkpoint", checkpoint] if checkpoint else []
+    proc = subprocess.Popen([sys.executable, "main.py", "serve", "--port", "0", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("open http://"):
+            return proc, int(line.split(":")[2].split("/")[0])
+    raise data_file.DataError(f"the server did not start: {proc.stderr.read().strip()}")
+
+
+def memory_kb(pid, field):
+    """VmRSS (now) or VmHWM (the peak) of a process, in kB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def benchmark_serve(args):
+    import http.client
+    import io
+    import json
+    import signal
+    import socket
+    import struct
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    def post(body, barrier=None):
+        if barrier is not None:
+            barrier.wait()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        connection.request("POST", "/predict", body=body, headers={"Content-Type": "image/png"})
+        response = connection.getresponse()
+        answer = (response.status, json.loads(response.read()))
+        connection.close()
+        return answer
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    data_file.ensure_mnist(args.data_dir)
+    images = data_file.read_split(args.data_dir, "test")[0][:16]
+    digits = [png(Image.fromarray(255 - a.numpy()).resize((280, 280), Image.BILINEAR)) for a in images]
+    proc, port = serve_process(args.checkpoint)
+    try:
+        idle = memory_kb(proc.pid, "VmRSS")
+        alone = [post(body) for body in digits]
+        barrier = threading.Barrier(128)
+        with ThreadPoolExecutor(128) as pool:
+            burst = list(pool.map(lambda i: post(digits[i % 16], barrier), range(128)))
+        same = sum(answer == alone[i % 16] for i, answer in enumerate(burst))
+        print(f"128 simultaneous POSTs: {sum(s == 200 for s, _ in burst)} answered 200, {same} identical to the "
+              f"same digit sent alone")
+
+        large = png(Image.fromarray(255 - images[0].numpy()).resize((4096, 4096), Image.BILINEAR))
+        barrier = threading.Barrier(64)
+        with ThreadPoolExecutor(64) as pool:
+            big = list(pool.map(lambda i: post(large, barrier), range(64)))
+        peak = memory_kb(proc.pid, "VmHWM")
+        print(f"64 simultaneous 4096x4096 uploads ({len(large):,} bytes each): {sum(s == 200 for s, _ in big)} "
+              f"answered 200; peak memory {peak / 1024:.0f} MB, {(peak - idle) / 1024:.0f} MB above idle "
+              f"({idle / 1024:.0f} MB)")
+
+        slow = []
+        for i in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" if i % 2 else
+                      b"POST /predict HTTP/1.1\r\nHo")  # half stall in the body, half in the headers
+            slow.append((s, time.monotonic()))
+        latencies = []
+        for body in digits[:10]:
+            start = time.monotonic()
+            post(body)
+            latencies.append(time.monotonic() - start)
+        held = []
+        for s, opened in slow:
+            s.recv(4096)  # returns when the server cuts the connection off (an answer, then EOF)
+            held.append(time.monotonic() - opened)
+            s.close()
+        print(f"200 slow clients: the slowest of 10 normal requests beside them {1000 * max(latencies):.0f} ms; "
+              f"each slow client cut off after {min(held):.1f}-{max(held):.1f} s (the deadline: 10 s)")
+
+        hostile = [b"NONSENSE\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+                   b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"GET / HTTP/2.0\r\n\r\n",
+                   b"POST /predict HTTP/1.1\r\nContent-Length: \xc2\xb2\r\n\r\n",
+                   b"POST /predict HTTP/1.1\r\nContent-Length: -1\r\n\r\n", b"\x00\xff" * 100 + b"\r\n\r\n",
+                   b"DELETE / HTTP/1.1\r\n\r\n", b"GET /../main.py HTTP/1.1\r\n\r\n"]
+        head = b"POST /predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(digits[0])
+        answered = 0
+        for i in range(40):
+            for request in hostile:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                    s.sendall(request)
+                    answered += s.makefile("rb").readline().startswith(b"HTTP/1.0 ")
+            for cut in (len(digits[0]) // 2, len(digits[0])):  # reset mid-body, and gone before the answer
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                s.sendall(head + digits[0][:cut])
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+        print(f"hostile set: {40 * len(hostile)} malformed requests, {answered} answered with a status line; "
+              f"80 clients reset mid-request or gone before the answer")
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        err = proc.stderr.read()
+        print(f"Ctrl-C: stopped in {time.monotonic() - start:.2f} s, exit status {proc.returncode}; tracebacks on "
+              f"the server's stderr over the whole run: {err.count('Traceback')}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return 0
 
 
 if __name__ == "__main__":
