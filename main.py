@@ -201,9 +201,7 @@ def evaluate_command(argv):
     if args.uci_digits:
         tta = model_train.checkpoint_tta(checkpoint)
         accuracy = model_train.score_uci_digits(model, tta)
-        folder = os.path.dirname(path) or "."  # recorded for `report` in a run folder, nowhere else
-        is_run = os.path.exists(os.path.join(folder, run_folder.METRICS))
-        where = f"recorded in {run_folder.save_uci(folder, accuracy)[0]}" if is_run else "not recorded: not a run folder"
+        where = run_folder.record_uci(path, accuracy)
         say(f"UCI digits (other writers, the report half){' with TTA' if tta else ''}: " +
             ", ".join(f"{form} {acc:.2f}%" for form, acc in accuracy.items()) +
             f" | mean {sum(accuracy.values()) / len(accuracy):.2f}% ({where})")
@@ -241,20 +239,12 @@ def serve_command(argv):
     args = p.parse_args(argv)
     import serve  # its http.server is needed by this command alone
     path, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint)
+    say(f"{path}: {checkpoint['model_name']}, recipe {checkpoint.get('config', {}).get('recipe', '?')}")
     try:
         server = serve.make_server(serve.Predictor(model, checkpoint), args.host, args.port)
     except OSError as e:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    host, port = server.server_address[:2]
-    say(f"{path}: {checkpoint['model_name']}, recipe {checkpoint.get('config', {}).get('recipe', '?')}"
-        f"{', predicting with TTA' if server.predictor.tta else ''}")
-    say(f"open http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ to draw a digit (Ctrl-C to stop)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        say("stopped")
-    finally:
-        server.server_close()
+    serve.serve_until_interrupted(server, log=say)
     return 0
 
 

@@ -176,6 +176,14 @@ def save_uci(run_dir, accuracy):
     return write_files(run_dir, [(UCI, lambda f: f.write(text))])
 
 
+def record_uci(checkpoint_path, accuracy):
+    """save_uci beside a checkpoint that lies in a run folder; returns where it went, in words."""
+    folder = os.path.dirname(checkpoint_path) or "."
+    if not os.path.exists(os.path.join(folder, METRICS)):
+        return "not recorded: not a run folder"
+    return f"recorded in {save_uci(folder, accuracy)[0]}"
+
+
 def read_uci(run_dir):
     """The {form: %} recorded by save_uci, or None when the run has none (or it cannot be read)."""
     try:

@@ -257,3 +257,17 @@ def make_server(predictor, host="127.0.0.1", port=8000):
     with open(PAGE, "rb") as f:
         page = f.read()
     return Server((host, port), predictor, page)
+
+
+def serve_until_interrupted(server, log=print):
+    """Serve until Ctrl-C (or SIGTERM, raised as KeyboardInterrupt by main.py), then close every connection."""
+    host, port = server.server_address[:2]
+    if server.predictor.tta:
+        log("predicting with TTA, as the run was scored")
+    log(f"open http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ to draw a digit (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log("stopped")
+    finally:
+        server.server_close()
