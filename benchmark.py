@@ -7,6 +7,7 @@ and the server under load.
     python benchmark.py --suite one-epoch --rounds 5
     python benchmark.py --suite race               # one epoch against the public 99%-in-one-epoch recipe
     python benchmark.py --suite serve              # python main.py serve, under load and hostile clients
+    python benchmark.py --suite inference          # torch, onnxruntime float and int8: latency and throughput
 
 --suite pipeline trains the net-1epoch recipe (batch 10, Adam + OneCycleLR, clipping) three ways from the same
 initial weights on the same shuffled order:
@@ -37,6 +38,12 @@ the peak memory (VmHWM) above idle while 64 simultaneous 4096x4096 uploads are r
 requests made while 200 slow clients hold connections open and how long any of those outlives its deadline, a
 hostile set (malformed request lines, headers, lengths; clients that reset or leave early) with the tracebacks
 counted on the server's stderr, and how long Ctrl-C takes to stop it.
+
+--suite inference builds the network of each recipe in the README's table (its weights do not change its
+speed), exports it as `main.py export` does (ONNX, and int8 calibrated on training digits), and times three
+ways of running it round-robin in one process: torch eager as `predict` runs it, onnxruntime float and
+onnxruntime int8, each at batch 1 (median microseconds per digit) and batch 1,000 (digits per second), with the
+ratios to torch.
 """
 import argparse
 import statistics
@@ -204,7 +211,7 @@ def race(args):
 def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race", "serve"),
+    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race", "serve", "inference"),
                    default="pipeline",
                    help="which variants to time (see the top of this file)")
     p.add_argument("--steps", type=POSITIVE_INT, default=2000,
@@ -225,6 +232,9 @@ def benchmark(argv=None):
         if args.suite == "race":
             race(args)
             return 0
+        if args.suite == "inference":
+            benchmark_inference(args)
+            return 0
         train = data_file.load_mnist(args.data_dir)["train"]
         if args.suite == "ressenet":
             benchmark_recipes(args, train, SEED2_VARIANTS, SEED2_RECIPE)
@@ -241,6 +251,54 @@ def benchmark(argv=None):
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+INFERENCE_RECIPES = ("net-1epoch", "ressenet-8epoch", "ressenet-wide-1epoch", "ressenet-wide22-b128-1epoch",
+                     "ressenet-micro-clean-40epoch", "shared-nano-clean-40epoch")  # one per network of the table
+
+
+def benchmark_inference(args):
+    import tempfile
+
+    import export
+    import onnx_model
+    data = data_file.load_mnist(args.data_dir)
+    test = data["test"][0]
+    single, batch = test[:200], test[:1000]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds; batch 1: "
+          f"us per digit over {len(single)} digits one at a time; batch 1,000: digits per second")
+    print(f"{'recipe':<30} {'network':<16} {'way':<10} {'batch 1':>10} {'ratio':>7} {'batch 1,000':>12} {'ratio':>7}")
+    for recipe in INFERENCE_RECIPES:
+        config = model_train.recipe_config(recipe)
+        torch.manual_seed(args.seed)
+        model = build_model(config.model).eval()
+        with tempfile.TemporaryDirectory() as tmp, model_train.predict_path(model) as model:
+            float_path = f"{tmp}/model.onnx"
+            with open(float_path, "wb") as f:
+                f.write(export.onnx_bytes(model, {}))
+            with open(f"{tmp}/model.int8.onnx", "wb") as f:
+                f.write(export.int8_bytes(float_path, data["train"][0][:export.CALIBRATION].numpy()))
+            runners = {"torch": lambda x: model(x), "onnx": onnx_model.OnnxModel(float_path).log_probs,
+                       "onnx int8": onnx_model.OnnxModel(f"{tmp}/model.int8.onnx").log_probs}
+            inputs = {"torch": (list(single[:, None].unbind(0)), batch)}
+            inputs["onnx"] = inputs["onnx int8"] = ([x.numpy() for x in inputs["torch"][0]], batch.numpy())
+            times = {name: ([], []) for name in runners}
+            with torch.inference_mode():
+                for _ in range(args.rounds):
+                    for name, run in runners.items():
+                        ones, whole = inputs[name]
+                        start = time.perf_counter()
+                        for x in ones:
+                            run(x)
+                        times[name][0].append((time.perf_counter() - start) / len(ones))
+                        start = time.perf_counter()
+                        run(whole)
+                        times[name][1].append(len(whole) / (time.perf_counter() - start))
+        one = {name: statistics.median(t[0]) for name, t in times.items()}
+        many = {name: statistics.median(t[1]) for name, t in times.items()}
+        for name in runners:
+            print(f"{recipe:<30} {config.model:<16} {name:<10} {1e6 * one[name]:>8.0f}us {one['torch'] / one[name]:>6.2f}x "
+                  f"{many[name]:>12,.0f} {many[name] / many['torch']:>6.2f}x")
 
 
 def benchmark_pipeline(args, train):

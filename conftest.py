@@ -123,6 +123,21 @@ def seed2_folder(seed2_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def seed2_onnx(seed2_folder, tmp_path_factory):
+    """The seed-2 run exported as `python main.py export RUN --int8` exports it: (model.onnx, model.int8.onnx,
+    what the command printed)."""
+    import main
+    import contextlib
+    import io
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        code = main.main(["export", str(seed2_folder), "--out", str(out), "--int8", "--data-dir", DATA_DIR])
+    printed = stdout.getvalue()
+    assert code == 0, printed
+    return out, out.with_name("model.int8.onnx"), printed
+
+
+@pytest.fixture(scope="session")
 def dry_run_folder(tmp_path_factory):
     """One `python main.py --dry-run` run folder (metrics.json, model.pt), for the tests that copy it."""
     import main
@@ -173,7 +188,7 @@ def start_server(checkpoint):
     """serve.make_server on a free port with `checkpoint`, serving from a thread; stop it with stop_server."""
     import serve
     model, loaded = run_folder.load_checkpoint(checkpoint)
-    srv = serve.make_server(serve.Predictor(model, loaded), port=0)
+    srv = serve.make_server(serve.Predictor(model_train.checkpoint_probabilities(model, loaded)), port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
 
@@ -241,11 +256,11 @@ def page(browser, server):
     return browser
 
 
-def strokes_of(image):
-    """The pointer strokes that draw a 28x28 digit: one along each run of ink in each row, as
-    (row, first column, last column)."""
+def strokes_of(image, every=1):
+    """The pointer strokes that draw an image of ink (uint8 (H, W), light on black): one along each run of ink in
+    every `every`-th row, as (row, first column, last column)."""
     strokes = []
-    for row in range(28):
+    for row in range(0, image.shape[0], every):
         ink = (image[row] > 128).tolist() + [False]
         start = None
         for col, on in enumerate(ink):
@@ -257,20 +272,21 @@ def strokes_of(image):
     return strokes
 
 
-def draw_digit(driver, image, touch=False):
-    """Draw a 28x28 MNIST digit on the page's canvas as pointer strokes at the canvas's scale; returns the
-    number of strokes."""
+def draw_digit(driver, image, touch=False, every=1):
+    """Draw an image of ink (a 28x28 MNIST digit, or a number written with them) on the page's canvas as pointer
+    strokes, as large as the canvas holds, centred; returns the number of strokes."""
     from selenium.webdriver.common.actions import interaction
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.actions.pointer_input import PointerInput
     canvas = driver.find_element("id", "pad")
-    cell = canvas.size["width"] / 28
+    width, height = canvas.size["width"], canvas.size["height"]
+    cell = min(height / image.shape[0], width / image.shape[1])
     kind = interaction.POINTER_TOUCH if touch else interaction.POINTER_MOUSE
     actions = ActionBuilder(driver, mouse=PointerInput(kind, "finger" if touch else "mouse"), duration=0)
-    strokes = strokes_of(image)
+    strokes = strokes_of(image, every)
     for row, first, last in strokes:
-        y = (row + 0.5) * cell - canvas.size["height"] / 2  # offsets from the canvas's centre
-        x0, x1 = (first + 0.5) * cell - canvas.size["width"] / 2, (last + 0.5) * cell - canvas.size["width"] / 2
+        y = (row + 0.5 - image.shape[0] / 2) * cell  # offsets from the canvas's centre
+        x0, x1 = ((col + 0.5 - image.shape[1] / 2) * cell for col in (first, last))
         actions.pointer_action.move_to(canvas, int(x0), int(y)).pointer_down()
         actions.pointer_action.move_to(canvas, int(x1), int(y)).pointer_up()
     actions.perform()
@@ -278,8 +294,8 @@ def draw_digit(driver, image, touch=False):
 
 
 def wait_for_answer(driver, strokes, timeout=30):
-    """The page's answer once it is for all `strokes` strokes: (digit text, error text)."""
+    """The page's answer once it is for all `strokes` strokes: (number text, error text)."""
     from selenium.webdriver.support.ui import WebDriverWait
     WebDriverWait(driver, timeout).until(
         lambda d: d.execute_script("return document.body.dataset.shown") == str(strokes))
-    return driver.find_element("id", "digit").text, driver.find_element("id", "error").text
+    return driver.find_element("id", "number").text, driver.find_element("id", "error").text

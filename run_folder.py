@@ -41,14 +41,17 @@ def default_run_dir(recipe, seed, stamp, root=RUNS):
     return path
 
 
-def atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside `path`, then rename it into place. Whenever it stops
-    (an error, Ctrl-C), `path` is either the old file or the whole new one, and no temporary file is left."""
+def atomic_write(path, write, check=None):
+    """Call write(file_object) on a temporary file beside `path`, then (after check(temporary path), which may
+    refuse it by raising) rename it into place. Whenever it stops (an error, Ctrl-C), `path` is either the old
+    file or the whole new one, and no temporary file is left."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        if check is not None:
+            check(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:

@@ -1,18 +1,19 @@
-"""Draw a digit in the browser: a page (draw.html) and POST /predict, served by the standard library.
+"""Read handwriting in the browser: a page (draw.html) and POST /predict, served by the standard library.
 
     python main.py serve                         # the newest runs/*/model.pt, at http://127.0.0.1:8000/
     python main.py serve --checkpoint runs/X --port 8080
 
 The page posts the canvas as a PNG after every stroke; the answer comes from exactly `predict`'s path
-(data_file.digit_from_image, then the network, with TTA when the checkpoint's run was scored with it), with the
-28x28 image the network saw. Only two routes exist: GET / (the page) and POST /predict; nothing on disk is
-served by its path. What a client can cost is bounded: the body (MAX_BODY, checked before it is read), the
-pixels (MAX_PIXELS, from the header; larger images are reduced as they are decoded, data_file.MAX_SIDE), the
-images decoded at once (DECODES_AT_ONCE), the time a request may take to arrive (REQUEST_DEADLINE_S, then
-408), and the connections open at once (MAX_CONNECTIONS, then 503). Every answer, the standard library's own
-refusals too, is JSON; a client that goes away mid-request leaves no traceback.
+(digit_image.read_digits, then the network, with TTA when the checkpoint's run was scored with it): the number,
+and each digit's probabilities, box and the 28x28 image the network saw. This file needs no torch: the network
+is a `probabilities` function handed to Predictor. Only two routes exist: GET / (the page) and POST /predict;
+nothing on disk is served by its path. What a client can cost is bounded: the body (MAX_BODY, checked before it
+is read), the pixels (MAX_PIXELS, from the header; larger images are reduced as they are decoded,
+digit_image.MAX_SIDE), the images decoded at once (DECODES_AT_ONCE), the time a request may take to arrive
+(REQUEST_DEADLINE_S, then 408), and the connections open at once (MAX_CONNECTIONS, then 503). Every answer, the
+standard library's own refusals too, is JSON; a client that goes away mid-request leaves no traceback.
 """
-import base64
+import argparse
 import http.server
 import io
 import json
@@ -24,11 +25,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from PIL import Image
-
-import data_file
-import model_train
+import digit_image
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
 MAX_BODY = 1 << 20  # 1 MiB: a 280x280 canvas PNG is ~5-20 kB; a phone's at devicePixelRatio 3 under 200 kB
@@ -39,31 +36,28 @@ MAX_CONNECTIONS = 256  # open at once; one more is answered 503 at once, never q
 BACKLOG = 128  # connections the kernel holds while the server accepts: a burst of clients waits, none is reset
 
 
-def preview_png(digit):
-    """The network's input (1, 28, 28), normalised, as a data: URL of a 28x28 greyscale PNG (ink white)."""
-    pixels = (digit[0] * data_file.STD + data_file.MEAN).clamp(0, 1).mul(255).round().to(torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy(), "L").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 class Predictor:
-    """A loaded checkpoint answering for image bytes: images decoded by DECODES_AT_ONCE threads of its own, one
-    forward pass at a time (the server is threaded). Decoding in a few fixed threads, not in every handler's,
-    also keeps the memory an image needed in few allocator arenas, to be reused by the next image."""
+    """Answers for uploaded image bytes from `probabilities` (prepared digits (N, 28, 28) -> numpy (N, 10)): the
+    images read (digit_image.read_digits) by DECODES_AT_ONCE threads of its own, one forward pass at a time (the
+    server is threaded). Decoding in a few fixed threads, not in every handler's, also keeps the memory an image
+    needed in few allocator arenas, to be reused by the next image."""
 
-    def __init__(self, model, checkpoint):
-        self.model, self.tta = model, model_train.checkpoint_tta(checkpoint)
-        self.lock, self.decoder = threading.Lock(), ThreadPoolExecutor(DECODES_AT_ONCE, "decode")
+    def __init__(self, probabilities):
+        self._probabilities, self.lock = probabilities, threading.Lock()
+        self.decoder = ThreadPoolExecutor(DECODES_AT_ONCE, "decode")
+
+    def probabilities(self, digits):
+        with self.lock:
+            return self._probabilities(digits)
+
+    def read(self, body):
+        return digit_image.read_digits(io.BytesIO(body), name="the uploaded image", max_pixels=MAX_PIXELS,
+                                       judge=lambda digits: self.probabilities(digits).max(1))
 
     def __call__(self, body):
-        """{"digit", "probabilities", "preview"} for an uploaded image; data_file.ImageError if it holds none."""
-        digit = self.decoder.submit(data_file.digit_from_image, io.BytesIO(body), name="the uploaded image",
-                                    max_pixels=MAX_PIXELS).result()
-        with self.lock:
-            probs = model_train.digit_probabilities(self.model, digit, self.tta)
-        return {"digit": int(probs.argmax()), "probabilities": [round(p, 6) for p in probs.tolist()],
-                "preview": preview_png(digit)}
+        """digit_image.answer's {"number", "digits", ...} for an uploaded image; ImageError if it holds none."""
+        reading = self.decoder.submit(self.read, body).result()
+        return digit_image.answer(reading, self.probabilities(reading.digits))
 
 
 def busy_answer():
@@ -160,7 +154,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.end_deadline(self.connection)
         try:
             answer = self.server.predictor(body)
-        except data_file.ImageError as e:
+        except digit_image.ImageError as e:
             return self.send_json(400, {"error": str(e)})
         except Exception as e:  # the page shows it; the server goes on serving
             return self.send_json(500, {"error": f"the server failed: {type(e).__name__}: {e}"})
@@ -259,12 +253,18 @@ def make_server(predictor, host="127.0.0.1", port=8000):
     return Server((host, port), predictor, page)
 
 
+def port_number(text):
+    """--port's argparse type: 0 to 65535 (0: any free port)."""
+    port = int(text)
+    if not 0 <= port < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0 to 65535, got {text!r}")
+    return port
+
+
 def serve_until_interrupted(server, log=print):
     """Serve until Ctrl-C (or SIGTERM, raised as KeyboardInterrupt by main.py), then close every connection."""
     host, port = server.server_address[:2]
-    if server.predictor.tta:
-        log("predicting with TTA, as the run was scored")
-    log(f"open http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ to draw a digit (Ctrl-C to stop)")
+    log(f"open http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ to write a number (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

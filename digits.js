@@ -1,0 +1,297 @@
+// The static page's reader: digit_image.py's preparation in JavaScript, and the network run by onnxruntime-web.
+// `python main.py export RUN --web DIR` puts this file beside draw.html, the ONNX model and onnxruntime-web, and
+// writes digit_image's constants into DIR/settings.js (window.DIGIT_IMAGE), so both paths use the same numbers.
+// Each step below is the Python function of the same name; the page's 28x28 inputs equal Python's to 1/255.
+"use strict";
+(() => {
+const S = window.DIGIT_IMAGE;  // MEAN, STD, INK, SPECK, PART, REACH, SPLIT, FORCE, ALONE, CUTS, ONE, MAX_DIGITS, ...
+
+function roundHalfEven(x) {  // Python's round()
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+function decode(canvas) {
+  // digit_image.decode of the canvas's PNG: reduced by a box filter over MAX_SIDE, then greyscale in [0, 1]
+  let {width: w, height: h} = canvas;
+  let rgba = canvas.getContext("2d").getImageData(0, 0, w, h).data;
+  let gray = new Float32Array(w * h);
+  for (let i = 0; i < w * h; i++) {  // Pillow's RGB -> L, on white (the canvas is opaque)
+    gray[i] = ((rgba[4 * i] * 19595 + rgba[4 * i + 1] * 38470 + rgba[4 * i + 2] * 7471 + 0x8000) >> 16);
+  }
+  let scale = 1;
+  const factor = Math.ceil(Math.max(w, h) / S.MAX_SIDE);
+  if (factor > 1) {  // Image.reduce(factor): the mean of each factor x factor box, the edge boxes smaller
+    const rw = Math.ceil(w / factor), rh = Math.ceil(h / factor), out = new Float32Array(rw * rh);
+    for (let y = 0; y < rh; y++) for (let x = 0; x < rw; x++) {
+      let sum = 0, n = 0;
+      for (let yy = y * factor; yy < Math.min(h, (y + 1) * factor); yy++)
+        for (let xx = x * factor; xx < Math.min(w, (x + 1) * factor); xx++) { sum += gray[yy * w + xx]; n++; }
+      out[y * rw + x] = Math.round(sum / n);
+    }
+    scale = w / rw;
+    gray = out; w = rw; h = rh;
+  }
+  for (let i = 0; i < gray.length; i++) gray[i] = Math.fround(gray[i] / 255);
+  return {gray, w, h, scale};
+}
+
+function inkOf(gray, w, h) {
+  const border = [];
+  for (let x = 0; x < w; x++) border.push(gray[x]);
+  for (let x = 0; x < w; x++) border.push(gray[(h - 1) * w + x]);
+  for (let y = 0; y < h; y++) border.push(gray[y * w]);
+  for (let y = 0; y < h; y++) border.push(gray[y * w + w - 1]);
+  border.sort((a, b) => a - b);
+  const m = border.length >> 1;
+  let b = Math.fround(border.length % 2 ? border[m] : (border[m - 1] + border[m]) / 2);
+  const ink = new Float32Array(gray.length);
+  const light = b > 0.5;
+  if (light) b = Math.fround(1 - b);
+  let max = 0;
+  for (let i = 0; i < gray.length; i++) {
+    const g = light ? Math.fround(1 - gray[i]) : gray[i];
+    ink[i] = Math.max(0, Math.fround(g - b));
+    max = Math.max(max, ink[i]);
+  }
+  if (max < 0.1) throw new Error("the drawing: blank image, no digit found");
+  for (let i = 0; i < ink.length; i++) ink[i] = Math.fround(ink[i] / max);
+  return ink;
+}
+
+function resizeWeights(nIn, nOut) {
+  const scale = nIn / nOut, support = Math.max(scale, 1), rows = [];
+  for (let i = 0; i < nOut; i++) {
+    const centre = (i + 0.5) * scale;
+    const lo = Math.max(Math.trunc(centre - support + 0.5), 0), hi = Math.min(Math.trunc(centre + support + 0.5), nIn);
+    const w = [];
+    let total = 0;
+    for (let j = lo; j < hi; j++) { const v = Math.max(0, 1 - Math.abs((j + 0.5 - centre) / support)); w.push(v); total += v; }
+    rows.push({lo, w: w.map(v => v / total)});
+  }
+  return rows;
+}
+
+function centred(ink, w, h) {
+  // digit_image.centred: cropped to the ink, the longer side to 20 px, centred by mass in 28x28, normalised
+  let x0 = w, x1 = -1, y0 = h, y1 = -1;
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) if (ink[y * w + x] > S.INK) {
+    x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y);
+  }
+  const ch = y1 - y0 + 1, cw = x1 - x0 + 1, scale = 20 / Math.max(ch, cw);
+  const oh = Math.max(1, roundHalfEven(ch * scale)), ow = Math.max(1, roundHalfEven(cw * scale));
+  const wy = resizeWeights(ch, oh), wx = resizeWeights(cw, ow);
+  const rows = new Float64Array(oh * cw);  // (wy @ a)
+  for (let i = 0; i < oh; i++) for (let x = 0; x < cw; x++) {
+    let s = 0;
+    wy[i].w.forEach((v, k) => { s += v * ink[(y0 + wy[i].lo + k) * w + x0 + x]; });
+    rows[i * cw + x] = s;
+  }
+  const a = new Float32Array(oh * ow);  // (wy @ a @ wx.T), as float32, clipped
+  for (let i = 0; i < oh; i++) for (let j = 0; j < ow; j++) {
+    let s = 0;
+    wx[j].w.forEach((v, k) => { s += rows[i * cw + wx[j].lo + k] * v; });
+    a[i * ow + j] = Math.min(1, Math.max(0, Math.fround(s)));
+  }
+  let mass = 0, my = 0, mx = 0;
+  for (let i = 0; i < oh; i++) for (let j = 0; j < ow; j++) { mass += a[i * ow + j]; my += i * a[i * ow + j]; mx += j * a[i * ow + j]; }
+  const top = Math.min(Math.max(roundHalfEven(13.5 - my / mass), 0), 28 - oh);
+  const left = Math.min(Math.max(roundHalfEven(13.5 - mx / mass), 0), 28 - ow);
+  const mean = Math.fround(S.MEAN), std = Math.fround(S.STD);  // numpy's float32 arithmetic
+  const out = new Float32Array(784).fill(Math.fround(Math.fround(0 - mean) / std));
+  for (let i = 0; i < oh; i++) for (let j = 0; j < ow; j++)
+    out[(top + i) * 28 + left + j] = Math.fround(Math.fround(a[i * ow + j] - mean) / std);
+  return out;
+}
+
+function ownInk(ink, mask, w, h) {  // ink within one pixel of the mask's strokes
+  const out = new Float32Array(ink.length);
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
+    let near = false;
+    for (let dy = -1; dy <= 1 && !near; dy++) for (let dx = -1; dx <= 1 && !near; dx++) {
+      const yy = y + dy, xx = x + dx;
+      near = yy >= 0 && yy < h && xx >= 0 && xx < w && mask[yy * w + xx] === 1;
+    }
+    if (near) out[y * w + x] = ink[y * w + x];
+  }
+  return out;
+}
+
+function linesOf(mask, w, h) {
+  const rows = [];
+  for (let y = 0; y < h; y++) { for (let x = 0; x < w; x++) if (mask[y * w + x]) { rows.push(y); break; } }
+  const bands = [[rows[0], rows[0] + 1]];
+  for (const r of rows.slice(1)) { const b = bands[bands.length - 1]; if (r === b[1]) b[1] = r + 1; else bands.push([r, r + 1]); }
+  const merged = [bands[0]];
+  for (const [top, bottom] of bands.slice(1)) {
+    const last = merged[merged.length - 1], gap = top - last[1], tall = Math.max(bottom - top, last[1] - last[0]);
+    if (gap < tall / 3) last[1] = bottom; else merged.push([top, bottom]);
+  }
+  return merged;
+}
+
+function label(mask, w, h) {  // scipy.ndimage.label with 8-connectivity: labels 1.. in raster order
+  const labels = new Int32Array(w * h);
+  let count = 0;
+  for (let start = 0; start < w * h; start++) {
+    if (!mask[start] || labels[start]) continue;
+    labels[start] = ++count;
+    const stack = [start];
+    while (stack.length) {
+      const p = stack.pop(), y = Math.floor(p / w), x = p % w;
+      for (let dy = -1; dy <= 1; dy++) for (let dx = -1; dx <= 1; dx++) {
+        const yy = y + dy, xx = x + dx, q = yy * w + xx;
+        if (yy >= 0 && yy < h && xx >= 0 && xx < w && mask[q] && !labels[q]) { labels[q] = count; stack.push(q); }
+      }
+    }
+  }
+  return {labels, count};
+}
+
+async function findDigits(ink, w, h, judge) {
+  let mask = new Uint8Array(ink.length);
+  for (let i = 0; i < ink.length; i++) mask[i] = ink[i] > S.INK ? 1 : 0;
+  const lines = linesOf(mask, w, h);
+  let note = "";
+  if (lines.length > 1) {
+    const weight = lines.map(([t, b]) => { let s = 0; for (let i = t * w; i < b * w; i++) s += ink[i]; return s; });
+    const pick = weight.indexOf(Math.max(...weight));
+    note = `${lines.length} lines of writing: read the one with the most ink (line ${pick + 1} from the top)`;
+    for (let i = 0; i < mask.length; i++) if (i < lines[pick][0] * w || i >= lines[pick][1] * w) mask[i] = 0;
+  }
+  const {labels, count} = label(mask, w, h);
+  const box = Array.from({length: count}, () => [w, 0, h, 0]), mass = new Float64Array(count);
+  for (let i = 0; i < labels.length; i++) if (labels[i]) {
+    const b = box[labels[i] - 1], y = Math.floor(i / w), x = i % w;
+    b[0] = Math.min(b[0], x); b[1] = Math.max(b[1], x + 1); b[2] = Math.min(b[2], y); b[3] = Math.max(b[3], y + 1);
+    mass[labels[i] - 1] += ink[i];
+  }
+  const heaviest = Math.max(...mass);
+  let groups = box.map((b, i) => [...b, [i + 1]]).filter((g, i) => mass[i] >= S.SPECK * heaviest);
+  groups.sort((a, b) => (a[0] + a[1]) / 2 - (b[0] + b[1]) / 2);
+  const maskOf = set => { const m = new Uint8Array(labels.length); for (let i = 0; i < labels.length; i++) m[i] = set.includes(labels[i]) ? 1 : 0; return m; };
+  const cache = new Map();
+  const sure = async sets => {
+    const fresh = [...new Set(sets.map(s => [...s].sort((a, b) => a - b).join(",")))].filter(k => !cache.has(k));
+    if (fresh.length) {
+      const values = await judge(fresh.map(k => centred(ownInk(ink, maskOf(k.split(",").map(Number)), w, h), w, h)));
+      fresh.forEach((k, i) => cache.set(k, values[i]));
+    }
+    return sets.map(s => cache.get([...s].sort((a, b) => a - b).join(",")));
+  };
+  const joined = (a, b) => [Math.min(a[0], b[0]), Math.max(a[1], b[1]), Math.min(a[2], b[2]), Math.max(a[3], b[3]), [...a[4], ...b[4]]];
+  const overlap = (a, b) => Math.min(a[1], b[1]) - Math.max(a[0], b[0]);
+  for (let i = 0; i < groups.length - 1;) {
+    const a = groups[i], b = groups[i + 1];
+    if (overlap(a, b) >= 0.5 * Math.min(a[1] - a[0], b[1] - b[0])) { groups.splice(i, 2, joined(a, b)); i = 0; } else i++;
+  }
+  const tallest = Math.max(...groups.map(g => g[3] - g[2]));
+  while (groups.length > 1) {
+    const short = groups.map(g => g[3] - g[2] < S.PART * tallest);
+    const pairs = [];
+    for (let i = 0; i < groups.length - 1; i++) {
+      const j = joined(groups[i], groups[i + 1]);
+      if ((short[i] || short[i + 1]) && -overlap(groups[i], groups[i + 1]) <= S.REACH * tallest && j[1] - j[0] <= 1.2 * tallest) pairs.push(i);
+    }
+    if (!pairs.length) break;
+    const c = await sure(pairs.flatMap(i => [groups[i][4], groups[i + 1][4], [...groups[i][4], ...groups[i + 1][4]]]));
+    const gains = pairs.map((_, k) => c[3 * k + 2] - c[3 * k] * c[3 * k + 1]);
+    const best = gains.indexOf(Math.max(...gains));
+    if (gains[best] <= 0) break;
+    groups.splice(pairs[best], 2, joined(groups[pairs[best]], groups[pairs[best] + 1]));
+  }
+  const force = groups.length > 1 ? S.FORCE : S.ALONE, masks = [];
+  for (const g of groups) masks.push(...await splitWide(maskOf(g[4]), ink, w, h, judge, tallest, force));
+  return {masks, note};
+}
+
+async function splitWide(piece, ink, w, h, judge, tallest, force) {
+  let x0 = w, x1 = 0;
+  for (let i = 0; i < piece.length; i++) if (piece[i]) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w + 1); }
+  if (x1 - x0 <= S.SPLIT * tallest || x1 - x0 < 6) return [piece];
+  const columns = new Float64Array(w);
+  for (let i = 0; i < piece.length; i++) if (piece[i]) columns[i % w] += ink[i];
+  const inside = [];
+  for (let x = x0 + roundHalfEven(0.15 * (x1 - x0)); x < x0 + roundHalfEven(0.85 * (x1 - x0)); x++) inside.push(x);
+  const centre = (x0 + x1) / 2;
+  inside.sort((a, b) => columns[a] - columns[b] || Math.abs(a + 0.5 - centre) - Math.abs(b + 0.5 - centre));
+  const cuts = [];
+  for (const x of inside) { if (cuts.every(c => Math.abs(x - c) >= 2)) cuts.push(x); if (cuts.length === S.CUTS) break; }
+  const options = [];
+  for (const cut of cuts) {
+    const left = piece.slice(), right = piece.slice();
+    let l = 0, r = 0;
+    for (let i = 0; i < piece.length; i++) { if (i % w >= cut) left[i] = 0; else right[i] = 0; l += left[i]; r += right[i]; }
+    if (l && r) options.push([left, right]);
+  }
+  if (!options.length) return [piece];
+  const sure = await judge([piece, ...options.flat()].map(m => centred(ownInk(ink, m, w, h), w, h)));
+  const products = options.map((_, k) => sure[1 + 2 * k] * sure[2 + 2 * k]);
+  const best = products.indexOf(Math.max(...products));
+  if (products[best] <= sure[0] && x1 - x0 <= force * tallest) return [piece];
+  const [left, right] = options[best];
+  return [...await splitWide(left, ink, w, h, judge, tallest, S.FORCE), ...await splitWide(right, ink, w, h, judge, tallest, S.FORCE)];
+}
+
+ort.env.wasm.wasmPaths = "./";  // onnxruntime-web's .wasm beside the page: nothing is fetched from elsewhere
+ort.env.wasm.numThreads = 1;  // threads would need a cross-origin-isolated host; a digit needs none
+let session = null;
+async function probabilities(digits) {
+  // onnx_model.OnnxModel.probabilities: (N) x 784 normalised -> N x 10, TTA when the run used it
+  session = session || await ort.InferenceSession.create("model.onnx", {executionProviders: ["wasm"]});
+  const views = S.TTA ? S.TTA_SHIFTS : [[0, 0]], n = digits.length;
+  const input = new Float32Array(views.length * n * 784);
+  views.forEach(([dx, dy], v) => digits.forEach((d, k) => {
+    for (let y = 0; y < 28; y++) for (let x = 0; x < 28; x++) {
+      const sy = Math.min(27, Math.max(0, y - dy)), sx = Math.min(27, Math.max(0, x - dx));  // edge pixels repeated
+      input[(v * n + k) * 784 + y * 28 + x] = d[sy * 28 + sx];
+    }
+  }));
+  const output = await session.run({digits: new ort.Tensor("float32", input, [views.length * n, 1, 28, 28])});
+  const logs = output.log_probs.data;
+  return digits.map((_, k) => Array.from({length: 10}, (_, c) =>
+    views.reduce((s, _, v) => s + Math.exp(logs[(v * n + k) * 10 + c]), 0) / views.length));
+}
+
+function preview(digit) {
+  const c = document.createElement("canvas");
+  c.width = c.height = 28;
+  const image = c.getContext("2d").createImageData(28, 28);
+  digit.forEach((v, i) => {
+    const p = Math.round(Math.min(1, Math.max(0, v * S.STD + S.MEAN)) * 255);
+    image.data.set([p, p, p, 255], 4 * i);
+  });
+  c.getContext("2d").putImageData(image, 0, 0);
+  return c.toDataURL("image/png");
+}
+
+window.readLocally = async canvas => {
+  // digit_image.read_digits and .answer: what POST /predict answers, computed in the page
+  const {gray, w, h, scale} = decode(canvas);
+  const ink = inkOf(gray, w, h);
+  const judge = async digits => (await probabilities(digits)).map(p => Math.max(...p));
+  let {masks, note} = await findDigits(ink, w, h, judge);
+  let digits = masks.map(m => centred(ownInk(ink, m, w, h), w, h));
+  const whole = new Uint8Array(ink.length).map((_, i) => ink[i] > S.INK ? 1 : 0);
+  let x0 = w, x1 = 0, y0 = h, y1 = 0;
+  whole.forEach((v, i) => { if (v) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w); y0 = Math.min(y0, Math.floor(i / w)); y1 = Math.max(y1, Math.floor(i / w)); } });
+  if (masks.length > 1 && !note && x1 - x0 + 1 <= S.ONE * (y1 - y0 + 1)) {
+    const sure = await judge([centred(ink, w, h), ...digits]);
+    if (sure[0] >= sure.slice(1).reduce((a, b) => a * b, 1)) masks = [whole];
+  }
+  if (masks.length > S.MAX_DIGITS) throw new Error(`the drawing: ${masks.length} digits found, more than the ${S.MAX_DIGITS} a number may have`);
+  if (masks.length === 1 && !note && masks[0].every((v, i) => v === whole[i])) digits = [centred(ink, w, h)];
+  const probs = await probabilities(digits);
+  const items = digits.map((d, k) => {
+    let bx0 = w, bx1 = 0, by0 = h, by1 = 0;
+    masks[k].forEach((v, i) => { if (v) { bx0 = Math.min(bx0, i % w); bx1 = Math.max(bx1, i % w + 1); by0 = Math.min(by0, Math.floor(i / w)); by1 = Math.max(by1, Math.floor(i / w) + 1); } });
+    const p = probs[k], digit = p.indexOf(Math.max(...p));
+    return {digit, probabilities: p, box: [bx0, by0, bx1, by1].map(v => roundHalfEven(v * scale)), preview: preview(d)};
+  });
+  window.lastInputs = digits.map(d => Array.from(d));  // for the browser test: the network's inputs
+  const answer = {number: items.map(d => d.digit).join(""), digits: items};
+  if (note) answer.note = note;
+  if (items.length === 1) Object.assign(answer, {digit: items[0].digit, probabilities: items[0].probabilities, preview: items[0].preview});
+  return answer;
+};
+})();
