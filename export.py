@@ -61,7 +61,8 @@ def onnx_bytes(model, metadata):
 def compact(proto):
     """An ONNX model's bytes without what only a reader of its graph needs: the exporter's notes on each node
     (source lines), node names, intermediate shapes, and long tensor names (renamed t0, t1, ...; the input and
-    output keep theirs). Over half of a small network's file."""
+    output keep theirs), the exporter's and the quantizer's notes, and unused opset domains. Over half of a small
+    network's file."""
     graph = proto.graph
     keep = {v.name for v in list(graph.input) + list(graph.output)}
     names = {}
@@ -79,6 +80,14 @@ def compact(proto):
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
     del graph.value_info[:]
+    del graph.metadata_props[:]  # the exporter's record of the torch program: 4.5 KB of parameter names
+    props = [p for p in proto.metadata_props if not p.key.startswith("onnx.")]  # the quantizer's tool notes
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
+    used = {node.domain for node in graph.node} | {""}
+    opsets = [o for o in proto.opset_import if o.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(opsets)
     proto.doc_string = ""
     return proto.SerializeToString()
 
@@ -119,13 +128,15 @@ def calibration_reader(images):
 
 
 def int8_bytes(float_path, calibration):
-    """The float ONNX file quantized to int8 by onnxruntime (static, QDQ, per-channel weights), as bytes."""
+    """The float ONNX file quantized to int8 by onnxruntime (static, per-channel weights), as bytes. In the
+    operator format (QLinearConv, QGemm, ...: one node per quantized operation, the kernels onnxruntime's CPU
+    runs either way) rather than QDQ pairs: 14 KB for the 3,482-parameter network against 19 KB."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantized = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "int8.onnx")
         quant_pre_process(float_path, prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, quantized, calibration_reader(calibration), quant_format=QuantFormat.QDQ,
+        quantize_static(prepared, quantized, calibration_reader(calibration), quant_format=QuantFormat.QOperator,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
         return compact(onnx.load(quantized))
 
