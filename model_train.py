@@ -91,6 +91,9 @@ class Config:
                                   "(thicker, coarse or blurred strokes)", "fraction_or_zero")
     digit_variants: float = setting(0.0, "augmentation: fraction of the 1s and 9s drawn as other writers draw "
                                          "them (flagged or block 1s, 9s with a curled tail)", "fraction_or_zero")
+    looks: float = setting(0.0, "augmentation: fraction of training digits drawn in a look other writers have and "
+                                "MNIST's lacks (marker strokes, a filled box, continental 1s, open 4s, barred 7s, "
+                                "9s with a straight stem)", "fraction_or_zero")
     clean_epochs: int = setting(0, "train the last N epochs on the digits as they are, without the augmentation "
                                    "above", "non_negative")
     label_smoothing: float = setting(0.0, "label smoothing of the training loss", "fraction_or_zero")
@@ -297,11 +300,13 @@ def setup_device(config):
 
 def augmentation(config, generator):
     """The config's training augmentation `augment(images, labels)` drawing from `generator`, or None: the 1s
-    and 9s as other writers draw them (config.digit_variants), another writer's look (config.restyle), then
-    shifts, rotations, scaling and elastic bending."""
+    and 9s as other writers draw them (config.digit_variants), the looks other writers have (config.looks),
+    another writer's look (config.restyle), then shifts, rotations, scaling and elastic bending."""
     steps = []
     if config.digit_variants:
         steps.append(lambda x, y: data_file.random_digit_variants(x, y, generator, config.digit_variants))
+    if config.looks:
+        steps.append(lambda x, y: data_file.random_looks(x, y, generator, config.looks))
     if config.restyle:
         steps.append(lambda x, y: data_file.random_restyle(x, generator, config.restyle))
     if config.shift or config.rotate or config.scale or config.elastic:
@@ -504,12 +509,13 @@ def predict_path(model):
         torch.set_num_threads(threads)
 
 
-def score_uci_digits(model, tta, half="report", count=None):
+def score_uci_digits(model, tta, half="report", count=None, data_dir="./data"):
     """Accuracy in % on the UCI digits in each of data_file.UCI_FORMS, through predict's own path: each digit's
     PNG file, data_file.digit_from_image, then digit_probabilities one image at a time (TTA when the run used
     it), so each figure is what `python main.py predict` says of those files. Returns {form: accuracy}.
-    count: only the first `count` digits of the half (for tests)."""
-    images, labels = data_file.uci_digits(half)
+    half: "choose" or "report" (scikit-learn's 13 writers), or "unseen" (the 30 other writers, fetched into
+    data_dir). count: only the first `count` digits (for tests)."""
+    images, labels = data_file.uci_unseen_digits(data_dir) if half == "unseen" else data_file.uci_digits(half)
     images, labels = images[:count], labels[:count]
     result = {}
     with predict_path(model) as model:

@@ -8,7 +8,8 @@ one torch version: runs that differ in anything else are never averaged together
 the recipe and the flags that moved the config off it, so each row says how to make it again. Dry runs, and
 runs that did not finish (no metrics.json, or one without a test figure), are left out and counted. The UCI
 column is filled where every run of the row was scored with `python main.py evaluate RUN --uci-digits`: the
-mean over seeds of the mean over the four forms, and the worst form's mean over seeds.
+mean over seeds of the mean over the four forms, and the worst form's mean over seeds; the unseen writers'
+column (the UCI digits' 30 other writers, which chose nothing) likewise, shown once a row has it.
 """
 import csv
 import dataclasses
@@ -33,6 +34,7 @@ class Row:
     test_acc_tta: list  # empty when the config scored no TTA
     train_seconds: list
     uci: list          # per seed {form: accuracy} (`evaluate --uci-digits`); empty unless every seed has one
+    unseen: list       # the same on the UCI digits' 30 unseen writers
     device: str
     torch: str
 
@@ -49,7 +51,8 @@ def collect(folders):
         config = dataclasses.asdict(model_train.config_from_dict(run["config"]))
         key = (tuple((k, v) for k, v in sorted(config.items()) if k not in IGNORED),
                run.get("device"), run.get("torch"))
-        groups.setdefault(key, []).append((config, {**run, "uci": run_folder.read_uci(folder)}))
+        groups.setdefault(key, []).append((config, {**run, "uci": run_folder.read_uci(folder),
+                                                    "unseen": run_folder.read_uci(folder, "unseen")}))
     order = ("dry runs", "unfinished runs", "unreadable runs", "folders that are not runs")
     rows = sorted((make_row(runs) for runs in groups.values()), key=recipe_order)  # stable: else as first seen
     return rows, {k: left_out[k] for k in order if k in left_out}
@@ -91,6 +94,7 @@ def make_row(runs):
                test_acc_tta=[r["test_acc_tta"] for _, r in runs if "test_acc_tta" in r],
                train_seconds=[r["train_seconds"] for _, r in runs],
                uci=[r["uci"] for _, r in runs] if all(r["uci"] for _, r in runs) else [],
+               unseen=[r["unseen"] for _, r in runs] if all(r["unseen"] for _, r in runs) else [],
                device=run.get("device", "?"),
                torch=run.get("torch", "?"))
 
@@ -118,27 +122,32 @@ def mean_std(values, digits, unit=""):
 
 
 COLUMNS = ("recipe", "network", "parameters", "epochs", "n", "seeds", "test, single-view", "test, with TTA",
-           "UCI digits (worst form)", "training", "device", "torch")
+           "UCI digits (worst form)", "unseen writers (worst form)", "training", "device", "torch")
 
 
-def uci_figures(row):
-    """(per-seed means over the forms, the worst form's mean over seeds), or (None, None) without UCI scores."""
-    if not row.uci:
+def uci_figures(row, writers="uci"):
+    """(per-seed means over the forms, the worst form's mean over seeds), or (None, None) without UCI scores;
+    writers "uci" (the 13 writers' report half) or "unseen" (the 30 other writers)."""
+    scores = getattr(row, writers)
+    if not scores:
         return None, None
-    per_seed = [statistics.mean(forms.values()) for forms in row.uci]
-    worst = min(statistics.mean(forms[f] for forms in row.uci) for f in row.uci[0])
+    per_seed = [statistics.mean(forms.values()) for forms in scores]
+    worst = min(statistics.mean(forms[f] for forms in scores) for f in scores[0])
     return per_seed, worst
 
 
 def cells(row):
-    per_seed, worst = uci_figures(row)
-    uci = "—" if per_seed is None else f"{mean_std(per_seed, 1, '%')} ({worst:.1f}%)"
+    uci = []
+    for writers in ("uci", "unseen"):
+        per_seed, worst = uci_figures(row, writers)
+        uci.append("—" if per_seed is None else f"{mean_std(per_seed, 1, '%')} ({worst:.1f}%)")
     return [row.recipe, row.model, f"{row.parameters:,}", str(row.epochs), str(len(row.seeds)),
             ", ".join(map(str, row.seeds)), mean_std(row.test_acc, 2, "%"), mean_std(row.test_acc_tta, 2, "%"),
-            uci, mean_std(row.train_seconds, 1, " s"), row.device, row.torch]
+            *uci, mean_std(row.train_seconds, 1, " s"), row.device, row.torch]
 
 
-RIGHT = {"parameters", "epochs", "n", "test, single-view", "test, with TTA", "UCI digits (worst form)", "training"}
+RIGHT = {"parameters", "epochs", "n", "test, single-view", "test, with TTA", "UCI digits (worst form)",
+         "unseen writers (worst form)", "training"}
 SHARED = ("n", "seeds", "device", "torch")  # said once under the table when every row has the same
 
 
@@ -148,7 +157,8 @@ def to_markdown(rows):
     table = [cells(row) for row in rows]
     shared = [i for i, name in enumerate(COLUMNS)
               if name in SHARED and len(table) > 1 and len({r[i] for r in table}) == 1]
-    keep = [i for i in range(len(COLUMNS)) if i not in shared]
+    unseen = COLUMNS.index("unseen writers (worst form)")  # shown once some row has been scored on them
+    keep = [i for i in range(len(COLUMNS)) if i not in shared and (i != unseen or any(r[i] != "—" for r in table))]
     lines = ["| " + " | ".join(COLUMNS[i] for i in keep) + " |",
              "|" + "|".join("---:" if COLUMNS[i] in RIGHT else "---" for i in keep) + "|"]
     for c in table:
@@ -165,14 +175,17 @@ def to_csv(rows):
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["recipe", "network", "parameters", "epochs", "n", "seeds", "test_acc_mean", "test_acc_std",
                 "test_acc_tta_mean", "test_acc_tta_std", "uci_acc_mean", "uci_acc_std", "train_seconds_mean",
-                "train_seconds_std", "uci_worst_form", "device", "torch"])
+                "train_seconds_std", "uci_worst_form", "unseen_acc_mean", "unseen_worst_form", "device", "torch"])
     for row in rows:
         per_seed, worst = uci_figures(row)
+        unseen, unseen_worst = uci_figures(row, "unseen")
         figures = []
         for values in (row.test_acc, row.test_acc_tta, per_seed or [], row.train_seconds):
             figures += [f"{statistics.mean(values):.4f}" if values else "",
                         f"{statistics.stdev(values):.4f}" if len(values) > 1 else ""]
         figures.append("" if worst is None else f"{worst:.4f}")
+        figures += [f"{statistics.mean(unseen):.4f}" if unseen else "", "" if unseen_worst is None else
+                    f"{unseen_worst:.4f}"]
         w.writerow([row.recipe, row.model, row.parameters, row.epochs, len(row.seeds),
                     " ".join(map(str, row.seeds)), *figures, row.device, row.torch])
     return out.getvalue()

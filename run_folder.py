@@ -173,25 +173,27 @@ def resumable_epochs(run_dir):
         return 0
 
 
-def save_uci(run_dir, accuracy):
-    """Record a run's accuracy on the UCI digits ({form: %}) beside its metrics, for the report."""
-    text = json.dumps({"half": "report", "accuracy": accuracy}, indent=2).encode()
+def save_uci(run_dir, accuracy, unseen=None):
+    """Record a run's accuracy on the UCI digits ({form: %}: the report half of the 13 writers, and the 30
+    unseen writers when they were scored) beside its metrics, for the report."""
+    text = json.dumps({"half": "report", "accuracy": accuracy, "unseen": unseen}, indent=2).encode()
     return write_files(run_dir, [(UCI, lambda f: f.write(text))])
 
 
-def record_uci(checkpoint_path, accuracy):
+def record_uci(checkpoint_path, accuracy, unseen=None):
     """save_uci beside a checkpoint that lies in a run folder; returns where it went, in words."""
     folder = os.path.dirname(checkpoint_path) or "."
     if not os.path.exists(os.path.join(folder, METRICS)):
         return "not recorded: not a run folder"
-    return f"recorded in {save_uci(folder, accuracy)[0]}"
+    return f"recorded in {save_uci(folder, accuracy, unseen)[0]}"
 
 
-def read_uci(run_dir):
-    """The {form: %} recorded by save_uci, or None when the run has none (or it cannot be read)."""
+def read_uci(run_dir, key="accuracy"):
+    """The {form: %} recorded by save_uci (key "accuracy": the 13 writers' report half; "unseen": the 30 other
+    writers), or None when the run has none (or it cannot be read)."""
     try:
         with open(os.path.join(run_dir, UCI)) as f:
-            accuracy = json.load(f)["accuracy"]
+            accuracy = json.load(f)[key]
         return {str(k): float(v) for k, v in accuracy.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

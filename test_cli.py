@@ -457,8 +457,8 @@ def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_p
     write_run(tmp_path / "net-cuda", device="cuda:0", test_acc=98.1)     # another device: its own row
     write_run(tmp_path / "res-s1", "ressenet-8epoch", 1, 99.3, 27.0, tta=99.5)
     write_run(tmp_path / "res-s2", "ressenet-8epoch", 2, 99.5, 28.0, tta=99.6)
-    run_folder.save_uci(str(tmp_path / "res-s1"), {"a": 97.0, "b": 95.0})
-    run_folder.save_uci(str(tmp_path / "res-s2"), {"a": 99.0, "b": 97.0})
+    run_folder.save_uci(str(tmp_path / "res-s1"), {"a": 97.0, "b": 95.0}, unseen={"a": 94.0, "b": 92.0})
+    run_folder.save_uci(str(tmp_path / "res-s2"), {"a": 99.0, "b": 97.0}, unseen={"a": 96.0, "b": 94.0})
     write_run(tmp_path / "dry", dry_run=True, test_acc=10.0)
     write_run(tmp_path / "cut", finished=False)
     (tmp_path / "sweep").mkdir()
@@ -481,6 +481,7 @@ def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_p
     res = rows["ressenet-8epoch"]
     assert [res[k] for k in ("test, single-view", "test, with TTA", "UCI digits (worst form)", "training")] == \
         ["99.40 ± 0.14%", "99.55 ± 0.07%", "97.0 ± 1.4% (96.0%)", "27.5 ± 0.7 s"]
+    assert res["unseen writers (worst form)"] == "94.0 ± 1.4% (93.0%)" and net["unseen writers (worst form)"] == "—"
     assert err.strip() == "left out: dry runs: 1, unfinished runs: 1, unreadable runs: 1, folders that are not runs: 1"
     assert main.main(["report", "--csv", str(tmp_path / "net-s1"), str(tmp_path / "net-s2")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -509,12 +510,14 @@ def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, seed1
 
 @pytest.mark.slow
 def test_predict_reads_real_digits_in_any_form(seed1_checkpoint, test_digits, tmp_path):
-    files = write_digit_variants(tmp_path, test_digits[0][:10], test_digits[1][:10])
+    files = write_digit_variants(tmp_path, test_digits[0][:50], test_digits[1][:50])
     r = run_cli("predict", *[str(p) for p, _ in files], "--checkpoint", str(seed1_checkpoint))  # as a user would
     assert r.returncode == 0, r.stderr
     said = predicted(r.stdout)
     correct = sum(said[str(p)] == label for p, label in files)
-    assert correct >= 36, f"{correct}/40 digits right"  # the network scores ~98% on these digits as MNIST
+    # The one-epoch network scores ~98% on these digits as MNIST tensors; as files, read as numbers, 189/200 on
+    # an AMD EPYC (two digits misread in every form; a 5 and a 2 cut in two in one form or two).
+    assert correct >= 180, f"{correct}/200 digits right
 
 
 @pytest.mark.slow

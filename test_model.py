@@ -156,6 +156,22 @@ def test_validation_split_is_carved_from_training_set():
     assert torch.equal(splits["val"][0], again["val"][0])  # the same seed, the same split
 
 
+def test_uci_unseen_writers_are_the_3823_digits_scikit_learn_does_not_ship():
+    images, labels = data_file.uci_unseen_digits(DATA_DIR, log=quiet)
+    assert images.shape == (3823, 8, 8) and images.dtype == torch.uint8 and sorted(set(labels.tolist())) == list(range(10))
+    known = {bytes(row) for row in torch.cat([data_file.uci_digits(h)[0] for h in ("choose", "report")]).reshape(-1, 64).numpy()}
+    assert sum(bytes(row) in known for row in images.reshape(-1, 64).numpy()) < 10  # other writers (a few twins by chance)
+
+
+def test_unseen_writers_that_cannot_be_fetched_say_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    with pytest.raises(data_file.DataError) as e:
+        data_file.ensure_unseen(str(tmp_path), log=quiet)
+    assert "\n" not in str(e.value) and str(tmp_path / "UCI" / "optdigits.dat") in str(e.value)
+    assert os.listdir(tmp_path / "UCI") == []  # nothing half-written
+
+
 def copy_raw(tmp_path):
     target = data_file.raw_dir(tmp_path)
     shutil.copytree(data_file.raw_dir(DATA_DIR), target)
@@ -327,6 +343,107 @@ def test_digit_variants_redraw_only_a_fraction_of_the_1s_and_9s(mnist):
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
+# Other writers' looks (random_looks): each look on a few real training digits of its kind, in ink (0-1).
+def digits_of(mnist, digit, n=8):
+    x, y = mnist["train"]
+    return (x[y == digit][:n, 0] * data_file.STD + data_file.MEAN).clamp(0, 1)
+
+
+def draws(n, seed=0):
+    return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_marker_look_draws_thicker_strokes_without_anti_aliasing(mnist):
+    ink = digits_of(mnist, 3)
+    out = data_file.look_marker(ink, draws(8))
+    assert set(out.unique().tolist()) == {0.0, 1.0}  # ink or none
+    assert ((out > 0.5).sum((1, 2)) > 1.3 * (ink > 0.5).sum((1, 2))).all()  # every stroke thicker
+
+
+def test_fill_look_makes_a_digit_about_as_wide_as_it_is_tall(mnist):
+    ink = digits_of(mnist, 2)
+    out = data_file.look_fill(ink, draws(8))
+
+    def width_per_height(a):
+        on = a > 0.5
+        rows, cols = on.any(1).nonzero()[:, 0], on.any(0).nonzero()[:, 0]
+        return (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
+    before, after = [torch.stack([width_per_height(a) for a in images]) for images in (ink, out)]
+    assert (after >= before - 0.05).all() and (after > 0.8).all()  # never narrowed; filling its box
+    assert torch.equal((out > 0.05).any(2), (ink > 0.05).any(2))  # the same rows: only widened
+    assert not out[:, :, 0].any() and not out[:, :, -1].any()  # inside the frame
+
+
+def test_continental_one_look_adds_a_long_up_stroke_and_a_foot(mnist):
+    ink = digits_of(mnist, 1)
+    out = data_file.look_continental_one(ink, draws(8))
+    for a, b in zip(ink, out):
+        rows = (a > 0.5).any(1).nonzero()[:, 0]
+        top, bottom, height = rows.min(), rows.max(), rows.max() - rows.min()
+        top_column = (a[top] > 0.5).nonzero()[:, 0].float().mean()
+        new = (b > 0.5) & ~(a > 0.5)
+        upper = new[top:top + height // 2]  # the up-stroke: new ink in the 1's upper half, reaching left
+        assert upper.sum() > 0.3 * height and upper.nonzero()[:, 1].min() < top_column - 0.3 * height
+        foot = (b[bottom] > 0.5).sum()  # the foot: the bottom row wider than the stroke was
+        assert foot >= (a[bottom] > 0.5).sum() + 0.3 * height
+
+
+def test_barred_seven_look_crosses_the_stem_near_the_middle(mnist):
+    ink = digits_of(mnist, 7)
+    out = data_file.look_barred_seven(ink, draws(8))
+    for a, b in zip(ink, out):
+        rows = (a > 0.5).any(1).nonzero()[:, 0]
+        top, height = rows.min().item(), (rows.max() - rows.min()).item()
+        middle = slice(top + round(0.5 * height) - 2, top + round(0.6 * height) + 3)
+        new = (b > 0.5) & ~(a > 0.5)
+        assert new[middle].sum() >= 0.2 * height and new.sum() == new[middle].sum()  # a bar, and nothing else
+
+
+def test_straight_nine_look_keeps_the_loop_and_draws_a_vertical_stem(mnist):
+    ink = digits_of(mnist, 9)
+    out = data_file.look_straight_nine(ink, draws(8))
+    for a, b in zip(ink, out):
+        rows = (a > 0.5).any(1).nonzero()[:, 0]
+        top, bottom, height = rows.min().item(), rows.max().item(), (rows.max() - rows.min()).item()
+        loop = top + round(0.45 * height) - 5  # above where the stem (and its soft edge) starts
+        assert torch.equal(b[:loop], a[:loop])  # the loop as it was
+        stem = (b[top + round(0.6 * height):bottom + 1] > 0.5).nonzero()[:, 1]  # the columns of the lower part
+        assert stem.numel() > 0 and stem.max() - stem.min() <= 3  # one straight vertical stroke
+        assert (b[bottom] > 0.5).any()  # down to the bottom
+
+
+def test_open_four_look_erases_only_ink_left_of_the_stem_at_the_top(mnist):
+    ink = digits_of(mnist, 4, 64)
+    out = data_file.look_open_four(ink, draws(64))
+    assert (out <= ink).all()  # only erased
+    assert ((ink - out).sum((1, 2)) > 0).any()  # and some 4s opened
+    for a, b in zip(ink, out):
+        rows = (a > 0.5).any(1).nonzero()[:, 0]
+        top, height = rows.min().item(), (rows.max() - rows.min()).item()
+        assert torch.equal(b[top + round(0.4 * height) + 1:], a[top + round(0.4 * height) + 1:])  # below the top
+
+
+def test_random_looks_change_only_a_fraction_and_draw_the_same_stream_whatever_the_labels(mnist):
+    x, y = mnist["train"][0][:2000], mnist["train"][1][:2000]
+    assert torch.equal(data_file.random_looks(x, y, torch.Generator().manual_seed(0), 0.0), x)
+    out = data_file.random_looks(x, y, torch.Generator().manual_seed(6), 0.3)
+    assert torch.equal(out, data_file.random_looks(x, y, torch.Generator().manual_seed(6), 0.3))
+    changed = (out - x).abs().amax((1, 2, 3)) > 1e-4
+    assert 0.2 < changed.float().mean() < 0.33  # about 0.3 (an open 4 that had nothing to erase is unchanged)
+    ink = out[changed] * data_file.STD + data_file.MEAN
+    torch.testing.assert_close(ink.amax((1, 2, 3)), torch.ones(int(changed.sum())))  # max ink 1
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    data_file.random_looks(x, y, g1, 0.3), data_file.random_looks(x, torch.zeros_like(y), g2, 0.3)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    # In the recipe's augmentation the looks come after the digit variants and before the restyle.
+    config = model_train.Config(digit_variants=0.5, looks=0.3, restyle=0.5)
+    composed = model_train.augmentation(config, torch.Generator().manual_seed(3))(x[:64], y[:64])
+    g = torch.Generator().manual_seed(3)
+    expected = data_file.random_restyle(data_file.random_looks(
+        data_file.random_digit_variants(x[:64], y[:64], g, 0.5), y[:64], g, 0.3), g, 0.5)
+    assert torch.equal(composed, expected)
+
+
 # --- the recipes and the training loop, on a few batches ----------------------------------------------------
 
 # Every recipe's values, pinned: a change to a base (model_train.RESSENET, ONE_PASS, SMALL_NETWORK) or to a Config
@@ -335,7 +452,7 @@ CONFIG_DEFAULTS = {
     "recipe": "net-1epoch", "model": "net", "dropout": 0.005, "epochs": 1, "batch_size": 10, "test_batch_size": 1000,
     "optimizer": "adam", "momentum": 0.9, "schedule": "onecycle", "max_lr": 0.005, "pct_start": 0.1,
     "div_factor": 1.0, "final_div_factor": 10.0, "weight_decay": 0.0, "clip_grad": 1.0, "val_size": 0, "shift": 0.0,
-    "rotate": 0.0, "scale": 0.0, "elastic": 0.0, "restyle": 0.0, "digit_variants": 0.0, "clean_epochs": 0,
+    "rotate": 0.0, "scale": 0.0, "elastic": 0.0, "restyle": 0.0, "digit_variants": 0.0, "looks": 0.0, "clean_epochs": 0,
     "label_smoothing": 0.0, "ema": 0.0, "tta": False, "keep_best": False, "seed": 1, "exact": False,
     "device": "auto", "dry_run": False, "data_dir": "./data"}
 RESSENET_8 = dict(model="ressenet", dropout=0.1, epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
