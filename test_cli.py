@@ -517,7 +517,7 @@ def test_predict_reads_real_digits_in_any_form(seed1_checkpoint, test_digits, tm
     correct = sum(said[str(p)] == label for p, label in files)
     # The one-epoch network scores ~98% on these digits as MNIST tensors; as files, read as numbers, 189/200 on
     # an AMD EPYC (two digits misread in every form; a 5 and a 2 cut in two in one form or two).
-    assert correct >= 180, f"{correct}/200 digits right
+    assert correct >= 180, f"{correct}/200 digits right"
 
 
 @pytest.mark.slow
