@@ -125,24 +125,19 @@ def seed2_folder(seed2_run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def seed2_onnx(seed2_folder, tmp_path_factory):
     """The seed-2 run exported as `python main.py export RUN --int8` exports it: (model.onnx, model.int8.onnx,
-    what the command printed)."""
-    import main
-    import contextlib
-    import io
+    what the command printed). In a fresh interpreter: nothing but the tests of the command line imports it."""
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        code = main.main(["export", str(seed2_folder), "--out", str(out), "--int8", "--data-dir", DATA_DIR])
-    printed = stdout.getvalue()
-    assert code == 0, printed
-    return out, out.with_name("model.int8.onnx"), printed
+    r = run_cli("export", str(seed2_folder), "--out", str(out), "--int8", "--data-dir", DATA_DIR)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, out.with_name("model.int8.onnx"), r.stdout
 
 
 @pytest.fixture(scope="session")
 def dry_run_folder(tmp_path_factory):
     """One `python main.py --dry-run` run folder (metrics.json, model.pt), for the tests that copy it."""
-    import main
     folder = tmp_path_factory.mktemp("dry") / "run"
-    assert main.main(["--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(folder)]) == 0
+    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(folder))
+    assert r.returncode == 0, r.stdout + r.stderr
     return folder
 
 

@@ -192,6 +192,18 @@ def int8_path(out):
     return f"{root}.int8{ext or '.onnx'}"
 
 
+def result_lines(result, out):
+    """What `export` prints of export()'s result: each file's size and test accuracy, and the float file's
+    agreement with torch."""
+    for kind, name in (("float", out), ("int8", int8_path(out))):
+        if kind in result:
+            r = result[kind]
+            yield (f"{name}: {r['bytes']:,} bytes, test accuracy {r['acc']:.2f}%"
+                   + (f", {r['acc_tta']:.2f}% with TTA" if "acc_tta" in r else "")
+                   + (f"; the same prediction as torch on {r['same']:,} of 10,000 test digits, log-probabilities "
+                      f"within {r['difference']:.1e}" if kind == "float" else ""))
+
+
 def scores(path, logs, probs, labels, **extra):
     """{"bytes", "acc", "acc_tta"?} of one checked file, with `extra`."""
     result = {"bytes": os.path.getsize(path), "acc": 100 * float((logs.argmax(1) == labels).mean()), **extra}

@@ -228,20 +228,8 @@ def evaluate_command(argv):
     for line in model_train.evaluation_lines(model, config, args.split, checkpoint.get("metrics") or {}, log=say):
         say(line)
     if args.uci_digits:
-        import data_file
-        tta = model_train.checkpoint_tta(checkpoint)
-        accuracy = model_train.score_uci_digits(model, tta)
-        try:
-            unseen = model_train.score_uci_digits(model, tta, "unseen", data_dir=config.data_dir)
-        except data_file.DataError as e:  # the 13 writers are still scored and recorded
-            unseen = None
-            say(f"UCI digits, 30 writers unseen: not scored: {e}")
-        where = run_folder.record_uci(path, accuracy, unseen)
-        for name, figures in (("13 writers, chosen on (the report half)", accuracy), ("30 writers, unseen", unseen)):
-            if figures:
-                say(f"UCI digits, {name}{' with TTA' if tta else ''}: " +
-                    ", ".join(f"{form} {acc:.2f}%" for form, acc in figures.items()) +
-                    f" | mean {sum(figures.values()) / len(figures):.2f}% ({where})")
+        for line in run_folder.uci_lines(path, model, model_train.checkpoint_tta(checkpoint), config.data_dir):
+            say(line)
     if args.numbers:
         tta = model_train.checkpoint_tta(checkpoint)
         for line in model_train.number_lines(model_train.score_numbers(model, tta, config.data_dir, args.numbers)):
@@ -324,13 +312,8 @@ def export_command(argv):
     if args.web and os.path.exists(args.web):  # before minutes of work, not after
         raise CommandError(f"{args.web} exists already: name a new folder for the site")
     result = export.export(model, checkpoint, out, int8=args.int8, data_dir=args.data_dir, log=say)
-    for kind, name in (("float", out), ("int8", export.int8_path(out))):
-        if kind in result:
-            r = result[kind]
-            say(f"{name}: {r['bytes']:,} bytes, test accuracy {r['acc']:.2f}%"
-                + (f", {r['acc_tta']:.2f}% with TTA" if "acc_tta" in r else "")
-                + (f"; the same prediction as torch on {r['same']:,} of 10,000 test digits, log-probabilities "
-                   f"within {r['difference']:.1e}" if kind == "float" else ""))
+    for line in export.result_lines(result, out):
+        say(line)
     if args.web:
         export.export_web(out, checkpoint.get("config") or {}, args.web)
         say(f"{args.web}/: the page as a static site (python -m http.server -d {args.web}, then open its address)")

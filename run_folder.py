@@ -16,6 +16,7 @@ import zipfile
 
 import torch
 
+import data_file
 import model_train
 from model import MODELS, build_model
 
@@ -186,6 +187,23 @@ def record_uci(checkpoint_path, accuracy, unseen=None):
     if not os.path.exists(os.path.join(folder, METRICS)):
         return "not recorded: not a run folder"
     return f"recorded in {save_uci(folder, accuracy, unseen)[0]}"
+
+
+def uci_lines(checkpoint_path, model, tta, data_dir):
+    """Score the UCI digits (the 13 writers' report half; the 30 unseen writers when their file can be had),
+    record both beside the checkpoint, and yield what `evaluate --uci-digits` prints."""
+    accuracy = model_train.score_uci_digits(model, tta)
+    try:
+        unseen = model_train.score_uci_digits(model, tta, "unseen", data_dir=data_dir)
+    except data_file.DataError as e:  # the 13 writers are still scored and recorded
+        unseen = None
+        yield f"UCI digits, 30 writers unseen: not scored: {e}"
+    where = record_uci(checkpoint_path, accuracy, unseen)
+    for name, figures in (("13 writers, chosen on (the report half)", accuracy), ("30 writers, unseen", unseen)):
+        if figures:
+            yield (f"UCI digits, {name}{' with TTA' if tta else ''}: " +
+                   ", ".join(f"{form} {acc:.2f}%" for form, acc in figures.items()) +
+                   f" | mean {sum(figures.values()) / len(figures):.2f}% ({where})")
 
 
 def read_uci(run_dir, key="accuracy"):
