@@ -310,7 +310,7 @@ def _stroke(h, w, start, end, radius):
     return (radius[:, None, None] + 0.5 - distance).clamp(0, 1)
 
 
-def random_digit_variants(images, labels, generator, fraction=0.5):
+def random_digit_variants(images, labels, generator, fraction=0.5, hooked_nines=False):
     """A `fraction` of the 1s and of the 9s drawn in a form other writers use and MNIST's rarely do, drawn from
     `generator`: a 1 with a flag (half of those with a foot too), a block 1, or a block 1 with a flag, each a
     third of the time; a 9 with its tail curled back to the left. Every other digit as given.
@@ -320,8 +320,10 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     under the loop; networks trained on MNIST read those as 7, 8 and 3. Here the flag is a stroke from the top of
     the 1, 25-45% of its height long, 30-60 degrees below the horizontal to the left; the foot a horizontal
     stroke across its bottom; the bar the stroke widened to 5 or 7 pixels; the curled tail a stroke from the
-    bottom of the 9, 25-45% of its height long, 10-45 degrees above the horizontal to the left. Each changed
-    digit is rescaled to a maximum ink of 1, as random_restyle's are."""
+    bottom of the 9, 25-45% of its height long, 10-45 degrees above the horizontal to the left; with
+    `hooked_nines`, a hook, 30-55% of its height long, from 15 degrees below the horizontal to 30 above, as the
+    upright 9s with a tail bent back along the line that MNIST-trained networks read as 3 are written. Each
+    changed digit is rescaled to a maximum ink of 1, as random_restyle's are."""
     n, _, h, w = images.shape
     device = images.device
     # Eight draws for every digit, used or not: the stream does not depend on the batch's labels.
@@ -349,7 +351,9 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     height = (bottom - top).float().clamp(min=0)
     radius = 0.8 + 0.6 * radius
     reach = height * (0.25 + 0.2 * length)                             # the flag's and the tail's length
-    down, up = torch.deg2rad(30 + 30 * angle), torch.deg2rad(10 + 35 * angle)
+    down = torch.deg2rad(30 + 30 * angle)
+    up = torch.deg2rad(-15 + 45 * angle) if hooked_nines else torch.deg2rad(10 + 35 * angle)
+    tail_reach = height * (0.3 + 0.25 * length) if hooked_nines else reach
     flag = _stroke(h, w, top_end, top_end + torch.stack([-reach * torch.cos(down), reach * torch.sin(down)], -1),
                    radius)
     half_foot = (height * (0.15 + 0.15 * foot_length))[:, None] * torch.tensor([1.0, 0.0], device=device)
@@ -364,8 +368,8 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
 
     one = torch.where((form < 1 / 3)[:, None, None], flagged,
                       torch.where((form < 2 / 3)[:, None, None], widened(ink), widened(flagged)))
-    tail = _stroke(h, w, bottom_end, bottom_end + torch.stack([-reach * torch.cos(up), -reach * torch.sin(up)], -1),
-                   radius)
+    tail = _stroke(h, w, bottom_end,
+                   bottom_end + torch.stack([-tail_reach * torch.cos(up), -tail_reach * torch.sin(up)], -1), radius)
     out = torch.where(ones[:, None, None], one, torch.maximum(ink, tail))  # (K, H, W): each chosen digit is a 1 or a 9
     out = out / out.amax((1, 2), keepdim=True).clamp(min=1e-6)
     images = images.clone()

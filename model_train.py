@@ -91,6 +91,8 @@ class Config:
                                   "(thicker, coarse or blurred strokes)", "fraction_or_zero")
     digit_variants: float = setting(0.0, "augmentation: fraction of the 1s and 9s drawn as other writers draw "
                                          "them (flagged or block 1s, 9s with a curled tail)", "fraction_or_zero")
+    hooked_nines: bool = setting(False, "with --digit-variants: the 9's tail a longer hook, 15 degrees below the "
+                                        "horizontal to 30 above, instead of curled 10-45 degrees up")
     looks: float = setting(0.0, "augmentation: fraction of training digits drawn in a look other writers have and "
                                 "MNIST's lacks (marker strokes, a filled box, continental 1s, open 4s, barred 7s, "
                                 "9s with a straight stem)", "fraction_or_zero")
@@ -304,7 +306,8 @@ def augmentation(config, generator):
     another writer's look (config.restyle), then shifts, rotations, scaling and elastic bending."""
     steps = []
     if config.digit_variants:
-        steps.append(lambda x, y: data_file.random_digit_variants(x, y, generator, config.digit_variants))
+        steps.append(lambda x, y: data_file.random_digit_variants(x, y, generator, config.digit_variants,
+                                                                   config.hooked_nines))
     if config.looks:
         steps.append(lambda x, y: data_file.random_looks(x, y, generator, config.looks))
     if config.restyle:

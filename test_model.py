@@ -343,6 +343,24 @@ def test_digit_variants_redraw_only_a_fraction_of_the_1s_and_9s(mnist):
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
+def test_hooked_nines_change_only_the_9s_tail(mnist):
+    # The same draws as the curled tail's, so only the 9s differ; a hook reaches further left and may bend
+    # down, where the curl only rises.
+    x, y = mnist["test"][0][:300], mnist["test"][1][:300]
+    curled = data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5)
+    hooked = data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5, hooked_nines=True)
+    assert torch.equal(curled[y != 9], hooked[y != 9])
+    changed = ((hooked - x).abs().amax((1, 2, 3)) > 1e-4) & (y == 9)
+    assert 5 <= changed.sum() < (y == 9).sum()
+    on = lambda images: images[:, 0] * data_file.STD + data_file.MEAN > 0.5  # (K, H, W)
+    left = lambda images: torch.where(on(images).any(1), torch.arange(28), 28).amin(1)  # first inked column
+    low = lambda images: torch.where(on(images).any(2), torch.arange(28), 0).amax(1)  # last inked row
+    assert (left(hooked[changed]) <= left(curled[changed])).all()
+    assert (left(hooked[changed]) < left(curled[changed])).any()
+    assert (low(hooked[changed]) >= low(curled[changed])).all()
+    assert (low(hooked[changed]) > low(curled[changed])).any()  # some hooks bend below where any curl starts
+
+
 # Other writers' looks (random_looks): each look on a few real training digits of its kind, in ink (0-1).
 def digits_of(mnist, digit, n=8):
     x, y = mnist["train"]
@@ -452,7 +470,7 @@ CONFIG_DEFAULTS = {
     "recipe": "net-1epoch", "model": "net", "dropout": 0.005, "epochs": 1, "batch_size": 10, "test_batch_size": 1000,
     "optimizer": "adam", "momentum": 0.9, "schedule": "onecycle", "max_lr": 0.005, "pct_start": 0.1,
     "div_factor": 1.0, "final_div_factor": 10.0, "weight_decay": 0.0, "clip_grad": 1.0, "val_size": 0, "shift": 0.0,
-    "rotate": 0.0, "scale": 0.0, "elastic": 0.0, "restyle": 0.0, "digit_variants": 0.0, "looks": 0.0, "clean_epochs": 0,
+    "rotate": 0.0, "scale": 0.0, "elastic": 0.0, "restyle": 0.0, "digit_variants": 0.0, "hooked_nines": False, "looks": 0.0, "clean_epochs": 0,
     "label_smoothing": 0.0, "ema": 0.0, "tta": False, "keep_best": False, "seed": 1, "exact": False,
     "device": "auto", "dry_run": False, "data_dir": "./data"}
 RESSENET_8 = dict(model="ressenet", dropout=0.1, epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
