@@ -148,10 +148,11 @@ RECIPES = {
     # scored and kept as the moving average of the weights.
     "ressenet-wide-ema-30epoch": dict(RESSENET, model="ressenet-wide", epochs=30, batch_size=256, max_lr=0.02,
                                       scale=0.1, val_size=0, ema=0.999),
-    # Reads other people's handwriting best (predict, serve): the same with half of each batch given another
-    # writer's look and half of the 1s and 9s drawn as other writers draw them.
-    "ressenet-wide-variants-30epoch": dict(RESSENET, model="ressenet-wide", epochs=30, batch_size=256, max_lr=0.02,
-                                           scale=0.1, val_size=0, ema=0.999, restyle=0.5, digit_variants=0.5),
+    # Reads other people's handwriting best (predict, serve): the same with a quarter of each batch given another
+    # writer's look and half of the 1s and 9s drawn as other writers draw them (the 9s with a hooked tail).
+    "ressenet-wide-writers-30epoch": dict(RESSENET, model="ressenet-wide", epochs=30, batch_size=256, max_lr=0.02,
+                                          scale=0.1, val_size=0, ema=0.999, restyle=0.25, digit_variants=0.5,
+                                          hooked_nines=True),
     # The most accurate at <= 3,500 parameters.
     "ressenet-micro-clean-40epoch": dict(SMALL_NETWORK, model="ressenet-micro"),
     # The most accurate at <= 1,000 parameters.
@@ -174,6 +175,7 @@ RETIRED = {
     "ressenet-micro-50epoch": ("ressenet-micro-clean-40epoch", dict(clean_epochs=0, epochs=50)),
     "ressenet-micro-lr03-40epoch": ("ressenet-micro-clean-40epoch", dict(clean_epochs=0, max_lr=0.03)),
     "ressenet-micro-elastic-40epoch": ("ressenet-micro-clean-40epoch", dict(elastic=0.75)),
+    "ressenet-wide-variants-30epoch": ("ressenet-wide-writers-30epoch", dict(restyle=0.5, hooked_nines=False)),
 }
 
 # Below this batch size the seed-1 `net`'s ops (4 and 8 channels) are too small to gain from oneDNN convolutions

@@ -490,7 +490,7 @@ PINNED = {
     "ressenet-wide-1epoch": dict(ONE_EPOCH, model="ressenet-wide", dropout=0.1, batch_size=24, max_lr=0.0075),
     "ressenet-wide22-b128-1epoch": dict(ONE_EPOCH, model="ressenet-wide22", dropout=0.0, batch_size=128, max_lr=0.03),
     "ressenet-wide-ema-30epoch": WIDE_30,
-    "ressenet-wide-variants-30epoch": dict(WIDE_30, restyle=0.5, digit_variants=0.5),
+    "ressenet-wide-writers-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, hooked_nines=True),
     "ressenet-micro-clean-40epoch": dict(SMALL_40, model="ressenet-micro"),
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
 }
@@ -505,6 +505,12 @@ def test_every_recipe_resolves_to_its_pinned_values(recipe):
     assert sorted(model_train.RECIPES) == sorted(PINNED)  # a new recipe is pinned too
     assert dataclasses.asdict(model_train.recipe_config(recipe)) == {**CONFIG_DEFAULTS, **PINNED[recipe],
                                                                      "recipe": recipe}
+
+
+def test_a_retired_recipe_resolves_to_what_it_ran():
+    # Its old run folders are read against this config (report.py): the values it had while it was a recipe.
+    assert dataclasses.asdict(model_train.retired_config("ressenet-wide-variants-30epoch")) == {
+        **CONFIG_DEFAULTS, **WIDE_30, "restyle": 0.5, "digit_variants": 0.5, "recipe": "ressenet-wide-variants-30epoch"}
 
 
 @pytest.mark.parametrize("recipe", sorted(model_train.RECIPES))
