@@ -313,7 +313,7 @@ def _stroke(h, w, start, end, radius):
 def random_digit_variants(images, labels, generator, fraction=0.5, hooked_nines=False):
     """A `fraction` of the 1s and of the 9s drawn in a form other writers use and MNIST's rarely do, drawn from
     `generator`: a 1 with a flag (half of those with a foot too), a block 1, or a block 1 with a flag, each a
-    third of the time; a 9 with its tail curled back to the left. Every other digit as given.
+    third of the time; a 9 with its tail curled (or hooked) back to the left. Every other digit as given.
 
     MNIST's writers mostly draw the 1 as a bare thin stroke and the 9's tail straight down. Other writers' 1s
     carry a flag at the top and a foot (the continental 1) or are solid bars, and their 9s curl the tail back
@@ -321,9 +321,9 @@ def random_digit_variants(images, labels, generator, fraction=0.5, hooked_nines=
     the 1, 25-45% of its height long, 30-60 degrees below the horizontal to the left; the foot a horizontal
     stroke across its bottom; the bar the stroke widened to 5 or 7 pixels; the curled tail a stroke from the
     bottom of the 9, 25-45% of its height long, 10-45 degrees above the horizontal to the left; with
-    `hooked_nines`, a hook, 30-55% of its height long, from 15 degrees below the horizontal to 30 above, as the
-    upright 9s with a tail bent back along the line that MNIST-trained networks read as 3 are written. Each
-    changed digit is rescaled to a maximum ink of 1, as random_restyle's are."""
+    `hooked_nines`, a hook 30-55% of its height long, from 15 degrees below the horizontal to 30 above: the
+    upright 9s whose tail bends back along the line, which MNIST-trained networks read as 3. Each changed digit
+    is rescaled to a maximum ink of 1, as random_restyle's are."""
     n, _, h, w = images.shape
     device = images.device
     # Eight draws for every digit, used or not: the stream does not depend on the batch's labels.
