@@ -470,9 +470,9 @@ CONFIG_DEFAULTS = {
     "recipe": "net-1epoch", "model": "net", "dropout": 0.005, "epochs": 1, "batch_size": 10, "test_batch_size": 1000,
     "optimizer": "adam", "momentum": 0.9, "schedule": "onecycle", "max_lr": 0.005, "pct_start": 0.1,
     "div_factor": 1.0, "final_div_factor": 10.0, "weight_decay": 0.0, "clip_grad": 1.0, "val_size": 0, "shift": 0.0,
-    "rotate": 0.0, "scale": 0.0, "elastic": 0.0, "restyle": 0.0, "digit_variants": 0.0, "hooked_nines": False, "looks": 0.0, "clean_epochs": 0,
-    "label_smoothing": 0.0, "ema": 0.0, "tta": False, "keep_best": False, "seed": 1, "exact": False,
-    "device": "auto", "dry_run": False, "data_dir": "./data"}
+    "rotate": 0.0, "scale": 0.0, "elastic": 0.0, "restyle": 0.0, "digit_variants": 0.0, "hooked_nines": False,
+    "looks": 0.0, "clean_epochs": 0, "label_smoothing": 0.0, "ema": 0.0, "tta": False, "keep_best": False, "seed": 1,
+    "exact": False, "device": "auto", "dry_run": False, "data_dir": "./data"}
 RESSENET_8 = dict(model="ressenet", dropout=0.1, epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
                   final_div_factor=100.0, weight_decay=0.0005, clip_grad=0.0, val_size=10000, shift=2.0, rotate=10.0,
                   label_smoothing=0.1, tta=True)
@@ -509,8 +509,9 @@ def test_every_recipe_resolves_to_its_pinned_values(recipe):
 
 def test_a_retired_recipe_resolves_to_what_it_ran():
     # Its old run folders are read against this config (report.py): the values it had while it was a recipe.
-    assert dataclasses.asdict(model_train.retired_config("ressenet-wide-variants-30epoch")) == {
-        **CONFIG_DEFAULTS, **WIDE_30, "restyle": 0.5, "digit_variants": 0.5, "recipe": "ressenet-wide-variants-30epoch"}
+    name = "ressenet-wide-variants-30epoch"
+    assert dataclasses.asdict(model_train.retired_config(name)) == {**CONFIG_DEFAULTS, **WIDE_30, "restyle": 0.5,
+                                                                    "digit_variants": 0.5, "recipe": name}
 
 
 @pytest.mark.parametrize("recipe", sorted(model_train.RECIPES))
