@@ -202,7 +202,6 @@ def evaluate_command(argv):
     """`python main.py evaluate [RUN_DIR | CHECKPOINT]`: accuracy, loss and per-class accuracy, as the run scored."""
     import model_train
     import run_folder
-    from model import count_parameters
     p = command_parser("evaluate", "Single-view and, when the run used it, with TTA; the same batches, kernels "
                                    "and memory layout as its training, so the figures equal what the run recorded.")
     p.add_argument("run", nargs="?", metavar="RUN_DIR | CHECKPOINT", help=CHECKPOINT_HELP)
@@ -221,19 +220,9 @@ def evaluate_command(argv):
                         "left out) through predict's path: exact numbers by length and by gap")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
-    config = model_train.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
-    config = dataclasses.replace(config, device=args.device, data_dir=args.data_dir or config.data_dir)
-    say(f"{path}: {checkpoint['model_name']} ({count_parameters(model):,} parameters), recipe "
-        f"{config.recipe}, seed {config.seed}{', a dry run' if config.dry_run else ''}")
-    for line in model_train.evaluation_lines(model, config, args.split, checkpoint.get("metrics") or {}, log=say):
+    for line in run_folder.evaluation_report(path, model, checkpoint, args.split, args.device, args.data_dir,
+                                             uci_digits=args.uci_digits, numbers=args.numbers, log=say):
         say(line)
-    if args.uci_digits:
-        for line in run_folder.uci_lines(path, model, model_train.checkpoint_tta(checkpoint), config.data_dir):
-            say(line)
-    if args.numbers:
-        tta = model_train.checkpoint_tta(checkpoint)
-        for line in model_train.number_lines(model_train.score_numbers(model, tta, config.data_dir, args.numbers)):
-            say(line)
     return 0
 
 
@@ -270,19 +259,8 @@ def serve_command(argv):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=serve.port_number, default=8000, help="port to listen on (0: any free one)")
     args = p.parse_args(argv)
-    if args.onnx:
-        import onnx_model
-        model = onnx_model.OnnxModel(args.onnx)  # a file that is not one is refused now, not at the first request
-        say(f"{args.onnx}: {model.config.get('model', '?')}, recipe {model.config.get('recipe', '?')}, onnxruntime"
-            f"{', predicting with TTA' if model.tta else ''}")
-        probabilities = model.probabilities
-    else:
-        import model_train
-        import run_folder
-        path, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint)
-        say(f"{path}: {checkpoint['model_name']}, recipe {checkpoint.get('config', {}).get('recipe', '?')}"
-            f"{', predicting with TTA' if model_train.checkpoint_tta(checkpoint) else ''}")
-        probabilities = model_train.checkpoint_probabilities(model, checkpoint)
+    line, probabilities = serve.load_model(args.checkpoint, args.onnx)
+    say(line)
     try:
         server = serve.make_server(serve.Predictor(probabilities), args.host, args.port)
     except OSError as e:

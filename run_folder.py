@@ -18,7 +18,7 @@ import torch
 
 import data_file
 import model_train
-from model import MODELS, build_model
+from model import MODELS, build_model, count_parameters
 
 RUNS = "runs"  # where main.py puts its run folders
 METRICS, CHECKPOINT, RESUME = "metrics.json", "model.pt", "resume.pt"
@@ -204,6 +204,23 @@ def uci_lines(checkpoint_path, model, tta, data_dir):
             yield (f"UCI digits, {name}{' with TTA' if tta else ''}: " +
                    ", ".join(f"{form} {acc:.2f}%" for form, acc in figures.items()) +
                    f" | mean {sum(figures.values()) / len(figures):.2f}% ({where})")
+
+
+def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, uci_digits=False,
+                      numbers=0, log=print):
+    """Yield what `python main.py evaluate` prints for the checkpoint at `path`: what it is, its figures on
+    `split` as its run scored them (model_train.evaluation_lines), then the UCI digits and `numbers` numbers
+    when asked. `data_dir` None: where the run found MNIST."""
+    config = model_train.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
+    config = dataclasses.replace(config, device=device, data_dir=data_dir or config.data_dir)
+    yield (f"{path}: {checkpoint['model_name']} ({count_parameters(model):,} parameters), recipe "
+           f"{config.recipe}, seed {config.seed}{', a dry run' if config.dry_run else ''}")
+    yield from model_train.evaluation_lines(model, config, split, checkpoint.get("metrics") or {}, log=log)
+    tta = model_train.checkpoint_tta(checkpoint)
+    if uci_digits:
+        yield from uci_lines(path, model, tta, config.data_dir)
+    if numbers:
+        yield from model_train.number_lines(model_train.score_numbers(model, tta, config.data_dir, numbers))
 
 
 def read_uci(run_dir, key="accuracy"):

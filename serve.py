@@ -4,14 +4,15 @@
     python main.py serve --checkpoint runs/X --port 8080
 
 The page posts the canvas as a PNG after every stroke; the answer comes from exactly `predict`'s path
-(digit_image.read_digits, then the network, with TTA when the checkpoint's run was scored with it): the number,
-and each digit's probabilities, box and the 28x28 image the network saw. This file needs no torch: the network
-is a `probabilities` function handed to Predictor. Only two routes exist: GET / (the page) and POST /predict;
-nothing on disk is served by its path. What a client can cost is bounded: the body (MAX_BODY, checked before it
-is read), the pixels (MAX_PIXELS, from the header; larger images are reduced as they are decoded,
-digit_image.MAX_SIDE), the images decoded at once (DECODES_AT_ONCE), the time a request may take to arrive
-(REQUEST_DEADLINE_S, then 408), and the connections open at once (MAX_CONNECTIONS, then 503). Every answer, the
-standard library's own refusals too, is JSON; a client that goes away mid-request leaves no traceback.
+(digit_image.read_digits, then the network, with TTA when the checkpoint's run was scored with it): the number, and
+each digit's probabilities, box and the 28x28 image the network saw. This file needs no torch: the network is a
+`probabilities` function handed to Predictor (load_model: a checkpoint through torch, or an ONNX file through
+onnxruntime alone). Only two routes exist: GET / (the page) and POST /predict; nothing on disk is served by its
+path. What a client can cost is bounded: the body (MAX_BODY, checked before it is read), the pixels (MAX_PIXELS,
+from the header; larger images are reduced as they are decoded, digit_image.MAX_SIDE), the images decoded at once
+(DECODES_AT_ONCE), the time a request may take to arrive (REQUEST_DEADLINE_S, then 408), and the connections open
+at once (MAX_CONNECTIONS, then 503). Every answer, the standard library's own refusals too, is JSON; a client that
+goes away mid-request leaves no traceback.
 """
 import argparse
 import http.server
@@ -244,6 +245,23 @@ def cut(connection, how):
         connection.shutdown(how)
     except OSError:  # closed already
         pass
+
+
+def load_model(checkpoint=None, onnx=None):
+    """(a line saying what answers, its `probabilities` function) for Predictor: the ONNX file `onnx` run by
+    onnxruntime (torch is never imported), else the checkpoint (a model.pt or run folder; None: the newest
+    runs/*/model.pt). Either is loaded now, so a file that is not one is refused before the server starts."""
+    if onnx:
+        import onnx_model
+        model = onnx_model.OnnxModel(onnx)
+        return (f"{onnx}: {model.config.get('model', '?')}, recipe {model.config.get('recipe', '?')}, onnxruntime"
+                f"{', predicting with TTA' if model.tta else ''}"), model.probabilities
+    import model_train
+    import run_folder
+    path, model, stored = run_folder.load_named_checkpoint(checkpoint)
+    tta = ", predicting with TTA" if model_train.checkpoint_tta(stored) else ""
+    line = f"{path}: {stored['model_name']}, recipe {stored.get('config', {}).get('recipe', '?')}{tta}"
+    return line, model_train.checkpoint_probabilities(model, stored)
 
 
 def make_server(predictor, host="127.0.0.1", port=8000):
