@@ -67,7 +67,7 @@ def test_every_config_field_is_a_flag_described_by_the_field(capsys):
         if field.metadata["cli"]:
             assert actions[field.name].help == field.metadata["help"].replace("%", "%%")
     # Every value a recipe sets reaches the config through its flag, and back.
-    config = model_train.recipe_config("ressenet-wide-writers-30epoch")
+    config = model_train.recipe_config("ressenet-wide-writers-clean-30epoch")
     flags = ["--recipe", "net-1epoch", *" ".join(model_train.as_flags(
         {k: v for k, v in dataclasses.asdict(config).items() if k not in ("recipe", "dry_run")})).split()]
     assert dataclasses.replace(main.config_from(main.parse_args(flags)), recipe=config.recipe) == config

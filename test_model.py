@@ -490,7 +490,8 @@ PINNED = {
     "ressenet-wide-1epoch": dict(ONE_EPOCH, model="ressenet-wide", dropout=0.1, batch_size=24, max_lr=0.0075),
     "ressenet-wide22-b128-1epoch": dict(ONE_EPOCH, model="ressenet-wide22", dropout=0.0, batch_size=128, max_lr=0.03),
     "ressenet-wide-ema-30epoch": WIDE_30,
-    "ressenet-wide-writers-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, hooked_nines=True),
+    "ressenet-wide-writers-clean-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, hooked_nines=True,
+                                                clean_epochs=2),
     "ressenet-micro-clean-40epoch": dict(SMALL_40, model="ressenet-micro"),
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
 }
@@ -507,11 +508,15 @@ def test_every_recipe_resolves_to_its_pinned_values(recipe):
                                                                      "recipe": recipe}
 
 
-def test_a_retired_recipe_resolves_to_what_it_ran():
+RETIRED_RAN = {"ressenet-wide-variants-30epoch": dict(WIDE_30, restyle=0.5, digit_variants=0.5),
+               "ressenet-wide-writers-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, hooked_nines=True)}
+
+
+@pytest.mark.parametrize("name", sorted(RETIRED_RAN))
+def test_a_retired_recipe_resolves_to_what_it_ran(name):
     # Its old run folders are read against this config (report.py): the values it had while it was a recipe.
-    name = "ressenet-wide-variants-30epoch"
-    assert dataclasses.asdict(model_train.retired_config(name)) == {**CONFIG_DEFAULTS, **WIDE_30, "restyle": 0.5,
-                                                                    "digit_variants": 0.5, "recipe": name}
+    assert dataclasses.asdict(model_train.retired_config(name)) == {**CONFIG_DEFAULTS, **RETIRED_RAN[name],
+                                                                    "recipe": name}
 
 
 @pytest.mark.parametrize("recipe", sorted(model_train.RECIPES))
