@@ -16,7 +16,6 @@ The training flags are model_train.Config's fields, each declared there once wit
 A run's folder is run_folder.Run's job; every user error is one line on stderr and an exit status, said in main().
 """
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -45,37 +44,6 @@ class HelpFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
 RESUME_KEEPS = {"resume", "no_progress", "no_save_model", "data_dir"}  # none changes what the run computes
 
 
-def recipe_names():
-    import model_train
-    return sorted(model_train.RECIPES) + sorted(model_train.ALIASES)
-
-
-def recipe_name(name):
-    """--recipe's type: a retired recipe is refused with the recipe and flags that make the same run."""
-    import model_train
-    if name in model_train.RETIRED:
-        recipe, changes = model_train.RETIRED[name]
-        raise argparse.ArgumentTypeError(f"{name} has left the recipe list; the same run is `--recipe {recipe} "
-                                         f"{' '.join(model_train.as_flags(changes))}` (docs/experiments.md)")
-    return name
-
-
-def add_config_flags(p):
-    """One flag per model_train.Config field that has one, typed, checked and described as the field says."""
-    import model_train
-    for field in dataclasses.fields(model_train.Config):
-        meta = field.metadata
-        if not meta["cli"]:
-            continue
-        kwargs = dict(dest=field.name, help=meta["help"].replace("%", "%%"))
-        if field.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs.update(type=model_train.flag_type(field.type, meta["check"]) if meta["check"] else field.type,
-                          choices=meta["choices"])
-        p.add_argument(*(meta["flags"] or ["--" + field.name.replace("_", "-")]), **kwargs)
-
-
 def build_parser(recipe, defaults=True):
     """The training flags, with `recipe`'s values as defaults; defaults=False leaves out every flag not given
     (to see which flags a command line gives)."""
@@ -87,11 +55,7 @@ def build_parser(recipe, defaults=True):
               f"one of {', '.join(COMMANDS)}",
         epilog=f"commands:\n{commands}\n\n`python main.py COMMAND --help` shows a command's flags.",
         argument_default=None if defaults else argparse.SUPPRESS)
-    p.add_argument("--recipe", type=recipe_name, choices=recipe_names(),
-                   default="net-1epoch" if defaults else argparse.SUPPRESS,
-                   help="named set of defaults for the flags below (seed1, seed2: old names of net-1epoch, "
-                        "ressenet-8epoch)")
-    add_config_flags(p)
+    model_train.add_config_flags(p, recipe, defaults)
     # The run's own flags: where it is written and how it is shown, none of them part of its config.
     p.add_argument("--no-accel", dest="device", action="store_const", const="cpu", help="the same as --device cpu")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -104,20 +68,12 @@ def build_parser(recipe, defaults=True):
                    help="run folder (default: runs/<recipe>-seed<seed>-<date>-<time>)")
     p.add_argument("--no-save-model", action="store_true", help="write no checkpoint model.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    if defaults:
-        p.set_defaults(**dataclasses.asdict(model_train.recipe_config(recipe)))
     return p
 
 
 def parse_args(argv=None):
     import model_train
-    # The recipe decides the other defaults, so read it first, then parse everything against it.
-    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    pre.add_argument("--recipe", type=recipe_name, choices=recipe_names(), default="net-1epoch")
-    try:
-        recipe = pre.parse_known_args(argv)[0].recipe
-    except argparse.ArgumentError:
-        recipe = "net-1epoch"  # the full parser below says what is wrong with it
+    recipe = model_train.recipe_in(argv)  # it decides the other flags' defaults
     parser = build_parser(recipe)
     args = parser.parse_args(argv)
     if args.resume is not None:
@@ -132,12 +88,6 @@ def parse_args(argv=None):
     return args
 
 
-def config_from(args):
-    """The training config: the parsed flags that model_train.Config has."""
-    import model_train
-    return model_train.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(model_train.Config)})
-
-
 def run(args):
     """Train a recipe, or go on with an interrupted run, in its run folder."""
     import model_train
@@ -145,7 +95,8 @@ def run(args):
     if args.resume is not None:
         run = run_folder.Run.resume(args.resume, args.data_dir, save_model=not args.no_save_model, log=say)
     else:
-        run = run_folder.Run.new(config_from(args), args.out_dir, save_model=not args.no_save_model, log=say)
+        run = run_folder.Run.new(model_train.config_from_args(args), args.out_dir, save_model=not args.no_save_model,
+                                 log=say)
     model_train.pick_device(run.config.device)  # an unavailable device is refused before anything is written
     with run:
         model, metrics = model_train.train(run.config, log=say, progress=not args.no_progress,

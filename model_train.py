@@ -218,6 +218,58 @@ def config_from_dict(stored):
     return Config(**{f.name: stored[f.name] for f in dataclasses.fields(Config) if f.name in stored})
 
 
+# --- a Config on the command line: each field's flag comes from its setting(); main.py adds the run's own flags.
+
+def recipe_flag(name):
+    """--recipe's type: a retired recipe is refused with the recipe and flags that make the same run."""
+    if name in RETIRED:
+        recipe, changes = RETIRED[name]
+        raise argparse.ArgumentTypeError(f"{name} has left the recipe list; the same run is `--recipe {recipe} "
+                                         f"{' '.join(as_flags(changes))}` (docs/experiments.md)")
+    return name
+
+
+RECIPE_NAMES = sorted(RECIPES) + sorted(ALIASES)
+
+
+def add_config_flags(p, recipe="net-1epoch", defaults=True):
+    """--recipe and one flag per Config field that has one, typed, checked and described as the field says, with
+    `recipe`'s values as defaults; defaults=False leaves out every flag not given (to see which are)."""
+    p.add_argument("--recipe", type=recipe_flag, choices=RECIPE_NAMES,
+                   default="net-1epoch" if defaults else argparse.SUPPRESS,
+                   help="named set of defaults for the flags below (seed1, seed2: old names of net-1epoch, "
+                        "ressenet-8epoch)")
+    for field in dataclasses.fields(Config):
+        meta = field.metadata
+        if not meta["cli"]:
+            continue
+        kwargs = dict(dest=field.name, help=meta["help"].replace("%", "%%"))
+        if field.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=flag_type(field.type, meta["check"]) if meta["check"] else field.type,
+                          choices=meta["choices"])
+        p.add_argument(*(meta["flags"] or ["--" + field.name.replace("_", "-")]), **kwargs)
+    if defaults:
+        p.set_defaults(**dataclasses.asdict(recipe_config(recipe)))
+
+
+def recipe_in(argv):
+    """The recipe a command line names (default net-1epoch; one it cannot name is left to the full parser to
+    refuse): it decides the other flags' defaults, so it is read first."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--recipe", type=recipe_flag, choices=RECIPE_NAMES, default="net-1epoch")
+    try:
+        return pre.parse_known_args(argv)[0].recipe
+    except argparse.ArgumentError:
+        return "net-1epoch"
+
+
+def config_from_args(args):
+    """The training config: the parsed flags (add_config_flags') that Config has."""
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the message names the step and learning rate."""
 

@@ -55,7 +55,7 @@ def test_a_retired_recipe_says_which_flags_make_the_same_run(name, capsys):
     said = r.stderr.splitlines()[-1]
     assert r.returncode == 2 and f"{name} has left the recipe list" in said
     flags = said.split("`")[1].split()  # "--recipe R --flag value ...", and that command line makes the same run
-    config = main.config_from(main.parse_args(flags))
+    config = model_train.config_from_args(main.parse_args(flags))
     assert dataclasses.replace(config, recipe=name) == model_train.retired_config(name)
 
 
@@ -70,14 +70,14 @@ def test_every_config_field_is_a_flag_described_by_the_field(capsys):
     config = model_train.recipe_config("ressenet-wide-writers-clean-30epoch")
     flags = ["--recipe", "net-1epoch", *" ".join(model_train.as_flags(
         {k: v for k, v in dataclasses.asdict(config).items() if k not in ("recipe", "dry_run")})).split()]
-    assert dataclasses.replace(main.config_from(main.parse_args(flags)), recipe=config.recipe) == config
+    assert dataclasses.replace(model_train.config_from_args(main.parse_args(flags)), recipe=config.recipe) == config
 
 
 @pytest.mark.parametrize("old, new", sorted(model_train.ALIASES.items()))
 def test_cli_flags_become_the_recipes_config_and_old_names_still_work(old, new):
-    assert main.config_from(main.parse_args(["--recipe", new])) == model_train.recipe_config(new)
-    assert main.config_from(main.parse_args(["--recipe", old])) == model_train.recipe_config(new)
-    config = main.config_from(main.parse_args(["--recipe", old, "--batch-size", "7", "--no-tta"]))
+    assert model_train.config_from_args(main.parse_args(["--recipe", new])) == model_train.recipe_config(new)
+    assert model_train.config_from_args(main.parse_args(["--recipe", old])) == model_train.recipe_config(new)
+    config = model_train.config_from_args(main.parse_args(["--recipe", old, "--batch-size", "7", "--no-tta"]))
     assert (config.recipe, config.batch_size, config.tta) == (new, 7, False)
 
 
@@ -147,7 +147,7 @@ def test_an_unavailable_device_is_refused_naming_those_there_are(tmp_path, capsy
                    capsys)
     assert one_line_error(r, code=2) and "available: cpu" in r.stderr
     assert os.listdir(tmp_path) == []
-    assert main.config_from(main.parse_args(["--no-accel"])).device == "cpu"
+    assert model_train.config_from_args(main.parse_args(["--no-accel"])).device == "cpu"
 
 
 def test_cli_dry_run_writes_metrics_and_never_over_another_run(tmp_path, capsys):
