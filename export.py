@@ -222,12 +222,28 @@ def web_settings(config):
     return f"window.DIGIT_IMAGE = {json.dumps(settings)};\n"
 
 
+def refuse_existing(folder):
+    if os.path.exists(folder):
+        raise ExportError(f"{folder} exists already: name a new folder for the site")
+
+
+def export_lines(path, model, checkpoint, out=None, int8=False, web=None, data_dir="./data", log=print):
+    """Do what `python main.py export` does and yield what it prints: the checkpoint at `path` as ONNX at `out`
+    (None: model.onnx beside it), with `int8` its quantized copy, and with `web` the static site in that folder."""
+    out = out or os.path.join(os.path.dirname(path) or ".", "model.onnx")
+    if web:
+        refuse_existing(web)  # before minutes of work, not after
+    yield from result_lines(export(model, checkpoint, out, int8=int8, data_dir=data_dir, log=log), out)
+    if web:
+        export_web(out, checkpoint.get("config") or {}, web)
+        yield f"{web}/: the page as a static site (python -m http.server -d {web}, then open its address)"
+
+
 def export_web(onnx_path, config, folder):
     """The static site in `folder` (made whole in a temporary folder beside it, then renamed; refused if it
     exists): index.html, digits.js, settings.js, model.onnx and onnxruntime-web."""
     import shutil
-    if os.path.exists(folder):
-        raise ExportError(f"{folder} exists already: name a new folder for the site")
+    refuse_existing(folder)
     parent = os.path.dirname(os.path.abspath(folder))
     try:
         tmp = tempfile.mkdtemp(prefix=".web-", dir=parent)

@@ -237,15 +237,8 @@ def export_command(argv):
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
-    out = args.out or os.path.join(os.path.dirname(path) or ".", "model.onnx")
-    if args.web and os.path.exists(args.web):  # before minutes of work, not after
-        raise CommandError(f"{args.web} exists already: name a new folder for the site")
-    result = export.export(model, checkpoint, out, int8=args.int8, data_dir=args.data_dir, log=say)
-    for line in export.result_lines(result, out):
+    for line in export.export_lines(path, model, checkpoint, args.out, args.int8, args.web, args.data_dir, log=say):
         say(line)
-    if args.web:
-        export.export_web(out, checkpoint.get("config") or {}, args.web)
-        say(f"{args.web}/: the page as a static site (python -m http.server -d {args.web}, then open its address)")
     return 0
 
 
