@@ -17,7 +17,6 @@ A run's folder is run_folder.Run's job; every user error is one line on stderr a
 """
 import argparse
 import glob
-import json
 import os
 import signal
 import sys
@@ -132,20 +131,9 @@ def predict(argv):
     _, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint, args.model)
     tta = model_train.checkpoint_tta(checkpoint)
     failed = 0
-    for image in args.images:
-        try:
-            reading, probs = model_train.read_number(model, tta, image)
-        except digit_image.ImageError as e:  # the other images are still read
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        if args.json:
-            answer = digit_image.answer(reading, probs, previews=False)
-            print(json.dumps({"file": image, **{k: answer[k] for k in ("number", "digits", "note") if k in answer}}))
-            continue
-        print(f"{image}: {digit_image.describe(probs)}")
-        if reading.note:
-            print(f"{image}: {reading.note}", file=sys.stderr)
+    for line, kind in model_train.predict_lines(model, tta, args.images, args.json):
+        print(line, file=sys.stderr if kind else sys.stdout)
+        failed += kind == "error"
     return 1 if failed else 0
 
 

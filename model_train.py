@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import json
 import math
 import time
 
@@ -608,6 +609,26 @@ def read_number(model, tta, path, name=None, max_pixels=None):
     judge = lambda digits: digits_probabilities(model, digits, tta).max(1)
     reading = digit_image.read_digits(path, name, max_pixels, judge=judge)
     return reading, digits_probabilities(model, reading.digits, tta)
+
+
+def predict_lines(model, tta, paths, as_json=False):
+    """What `python main.py predict` prints of each image file, as (line, kind): kind None for its answer (a line
+    of digit_image.describe, or with `as_json` one JSON object), "note" for what the reading noticed, "error" for a
+    file that cannot be read; the other files are still read."""
+    for path in paths:
+        try:
+            reading, probs = read_number(model, tta, path)
+        except digit_image.ImageError as e:
+            yield f"error: {e}", "error"
+            continue
+        if as_json:
+            answer = digit_image.answer(reading, probs, previews=False)
+            keep = {k: answer[k] for k in ("number", "digits", "note") if k in answer}
+            yield json.dumps({"file": path, **keep}), None
+            continue
+        yield f"{path}: {digit_image.describe(probs)}", None
+        if reading.note:
+            yield f"{path}: {reading.note}", "note"
 
 
 def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test"):
