@@ -54,15 +54,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import augment
 import data_file
 import model_train
+import reader
+import recipes
+from errors import UserError
 from model import build_model
 
+CPU = torch.device("cpu")
+
 VARIANTS = ("dataloader", "memory", "fast")
-POSITIVE_INT = model_train.flag_type(int, "positive")
+POSITIVE_INT = recipes.flag_type(int, "positive")
 def ressenet_loop(model="ressenet", batch_size=512, **model_kwargs):
     """(config, model_kwargs) of the ressenet-8epoch recipe's loop with another network or batch size."""
-    return model_train.recipe_config("ressenet-8epoch", model=model, batch_size=batch_size), model_kwargs
+    return recipes.recipe_config("ressenet-8epoch", model=model, batch_size=batch_size), model_kwargs
 
 
 SEED2_VARIANTS = {f"{c}px {'-'.join(map(str, w))} b{b}": ressenet_loop(batch_size=b, crop=c, widths=w)
@@ -74,69 +80,69 @@ SEED2_RECIPE = "22px 8-16-16 b512"  # what ressenet-8epoch runs
 SMALL_VARIANTS = {"full 8-12-12": ressenet_loop(batch_size=128, widths=(8, 12, 12), stem_pool_first=False, crop=28),
                   "ressenet-small": ressenet_loop("ressenet-small", 128),
                   "ressenet-tiny": ressenet_loop("ressenet-tiny", 128)}
-ONE_EPOCH_VARIANTS = {r: (model_train.recipe_config(r), {}) for r in ("net-1epoch", "ressenet-wide-1epoch")}
+ONE_EPOCH_VARIANTS = {r: (recipes.recipe_config(r), {}) for r in ("net-1epoch", "ressenet-wide-1epoch")}
 
 
 def run(variant, steps, seed, data_dir, train, order):
     """Train `steps` batches from seed `seed` in `order`; return (seconds per step, final state_dict)."""
     fast = variant == "fast"
-    recipe = model_train.recipe_config("net-1epoch", exact=not fast)
-    model_train.use_fast_cpu_kernels(recipe)
-    torch.manual_seed(seed)
-    model = build_model(recipe.model)
-    optimizer, scheduler = model_train.make_optimizer(model, recipe, steps, fused=fast)
-    torch.manual_seed(seed + 1)  # dropout masks: the same stream for every variant
-    if variant == "dataloader":
-        from torchvision import datasets, transforms  # only this variant: the others read data_file's tensors
-        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-        dataset = datasets.MNIST(data_dir, train=True, transform=tf)
-        # A fixed sampler gives the same order as the in-memory slices; the loader's own generator keeps
-        # its worker seed off the global stream that dropout draws from.
-        batches = DataLoader(dataset, batch_size=recipe.batch_size, sampler=order.tolist(), num_workers=1,
-                             generator=torch.Generator())
-    else:
-        images, labels = train[0][order], train[1][order]
-        batches = data_file.batches(images, labels, recipe.batch_size)
-    metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps,
-                                          clip_grad=recipe.clip_grad, progress=False)
-    return metrics["seconds"] / steps, model.state_dict()
+    recipe = recipes.recipe_config("net-1epoch", exact=not fast)
+    with model_train.cpu_kernels(recipe, CPU):
+        torch.manual_seed(seed)
+        model = build_model(recipe.model)
+        optimizer, scheduler = model_train.make_optimizer(model, recipe, steps, fused=fast)
+        torch.manual_seed(seed + 1)  # dropout masks: the same stream for every variant
+        if variant == "dataloader":
+            from torchvision import datasets, transforms  # only this variant: the others read data_file's tensors
+            tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+            dataset = datasets.MNIST(data_dir, train=True, transform=tf)
+            # A fixed sampler gives the same order as the in-memory slices; the loader's own generator keeps
+            # its worker seed off the global stream that dropout draws from.
+            batches = DataLoader(dataset, batch_size=recipe.batch_size, sampler=order.tolist(), num_workers=1,
+                                 generator=torch.Generator())
+        else:
+            images, labels = train[0][order], train[1][order]
+            batches = data_file.batches(images, labels, recipe.batch_size)
+        metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps,
+                                              clip_grad=recipe.clip_grad, progress=False)
+        return metrics["seconds"] / steps, model.state_dict()
 
 
 def kernel_floor(steps, seed):
     """Seconds per step of the seed-1 network's convolutions and max-pools alone, forward and backward."""
-    recipe = model_train.recipe_config("net-1epoch")
-    model_train.use_fast_cpu_kernels(recipe)
-    torch.manual_seed(seed)
-    net = build_model(recipe.model)
-    x = torch.randn(recipe.batch_size, 1, 28, 28)
-    start = time.perf_counter()
-    for _ in range(steps):
-        net.zero_grad(set_to_none=True)  # fresh gradients each step, as in training (no accumulation)
-        h = net.pool(net.conv2(net.pool(net.conv1(x))))  # no ReLU, dropout, FC, loss or optimizer
-        h.backward(torch.ones_like(h))
-    return (time.perf_counter() - start) / steps
+    recipe = recipes.recipe_config("net-1epoch")
+    with model_train.cpu_kernels(recipe, CPU):
+        torch.manual_seed(seed)
+        net = build_model(recipe.model)
+        x = torch.randn(recipe.batch_size, 1, 28, 28)
+        start = time.perf_counter()
+        for _ in range(steps):
+            net.zero_grad(set_to_none=True)  # fresh gradients each step, as in training (no accumulation)
+            h = net.pool(net.conv2(net.pool(net.conv1(x))))  # no ReLU, dropout, FC, loss or optimizer
+            h.backward(torch.ones_like(h))
+        return (time.perf_counter() - start) / steps
 
 
 def time_recipe(config, model_kwargs, train, images):
     """Seconds per training image of `config`'s training loop (kernel choice, memory layout, optimizer and
     schedule, augmentation) on the first `images` training images, from seed config.seed."""
-    model_train.use_fast_cpu_kernels(config)
-    torch.manual_seed(config.seed)
-    model = model_train.build_for(config, torch.device("cpu"), **model_kwargs)
-    steps = images // config.batch_size
-    optimizer, scheduler = model_train.make_optimizer(model, config, steps, fused=True)
-    generator = torch.Generator().manual_seed(config.seed)
-    n = steps * config.batch_size
-    batches = data_file.batches(train[0][:n], train[1][:n], config.batch_size, generator)
-    metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps, clip_grad=config.clip_grad,
-                                          augment=model_train.augmentation(config, generator),
-                                          label_smoothing=config.label_smoothing, progress=False)
-    return metrics["seconds"] / n
+    with model_train.cpu_kernels(config, CPU):
+        torch.manual_seed(config.seed)
+        model = model_train.build_for(config, torch.device("cpu"), **model_kwargs)
+        steps = images // config.batch_size
+        optimizer, scheduler = model_train.make_optimizer(model, config, steps, fused=True)
+        generator = torch.Generator().manual_seed(config.seed)
+        n = steps * config.batch_size
+        batches = data_file.batches(train[0][:n], train[1][:n], config.batch_size, generator)
+        metrics = model_train.train_one_epoch(model, optimizer, scheduler, batches, steps, clip_grad=config.clip_grad,
+                                              augment=augment.augmentation(config, generator),
+                                              label_smoothing=config.label_smoothing, progress=False)
+        return metrics["seconds"] / n
 
 
 def benchmark_recipes(args, train, variants, recipe_variant, epoch_images=50_000):
     """Time each of `variants`, {name: (config, model_kwargs)}, round-robin; ratios to the first and to one."""
-    print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, {args.rounds} rounds of {args.images:,} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.images:,} "
           f"images")
     times = {v: [] for v in variants}
     # Untimed: no variant pays for the process's first convolutions.
@@ -161,28 +167,28 @@ RACE_RECIPES = ("ressenet-wide22-b128-1epoch", "ressenet-wide-1epoch", "net-1epo
 
 def public_one_epoch(data, seed):
     """(seconds, test accuracy) of one epoch of PUBLIC_RECIPE, with torch's default CPU kernels and layout."""
-    model_train.use_fast_cpu_kernels(model_train.Config(model="cnn-215k", batch_size=PUBLIC_RECIPE["batch_size"]))
-    torch.manual_seed(seed)
-    (x, y), batch = data["train"], PUBLIC_RECIPE["batch_size"]
-    start = time.perf_counter()
-    model = build_model(PUBLIC_RECIPE["model"])
-    optimizer = torch.optim.Adam(model.parameters(), PUBLIC_RECIPE["max_lr"], betas=PUBLIC_RECIPE["betas"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, PUBLIC_RECIPE["max_lr"], cycle_momentum=False,
-                                                    total_steps=data_file.num_batches(len(y), batch))
-    model.train()
-    for xb, yb in data_file.batches(x, y, batch, torch.Generator().manual_seed(seed)):
-        loss = F.nll_loss(model(xb), yb)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    seconds = time.perf_counter() - start
-    return seconds, model_train.measure(model, *data["test"])["acc"]
+    with model_train.cpu_kernels(recipes.Config(model="cnn-215k", batch_size=PUBLIC_RECIPE["batch_size"]), CPU):
+        torch.manual_seed(seed)
+        (x, y), batch = data["train"], PUBLIC_RECIPE["batch_size"]
+        start = time.perf_counter()
+        model = build_model(PUBLIC_RECIPE["model"])
+        optimizer = torch.optim.Adam(model.parameters(), PUBLIC_RECIPE["max_lr"], betas=PUBLIC_RECIPE["betas"])
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, PUBLIC_RECIPE["max_lr"], cycle_momentum=False,
+                                                        total_steps=data_file.num_batches(len(y), batch))
+        model.train()
+        for xb, yb in data_file.batches(x, y, batch, torch.Generator().manual_seed(seed)):
+            loss = F.nll_loss(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        seconds = time.perf_counter() - start
+        return seconds, model_train.measure(model, *data["test"])["acc"]
 
 
 def recipe_one_epoch(recipe, data, seed):
     """(seconds of its training loop, test accuracy) of one of our recipes, as main.py trains it."""
-    config = model_train.recipe_config(recipe, seed=seed, device="cpu")
+    config = recipes.recipe_config(recipe, seed=seed, device="cpu")
     _, metrics = model_train.train(config, log=lambda *a: None, data=data, progress=False)
     return metrics["train_seconds"], metrics["test_acc"]
 
@@ -191,7 +197,7 @@ def race(args):
     data = data_file.load_mnist(args.data_dir)
     variants = {"public cnn-215k b256": lambda seed: public_one_epoch(data, seed),
                 **{r: (lambda seed, r=r: recipe_one_epoch(r, data, seed)) for r in args.recipes}}
-    print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, seeds {args.seeds}, one epoch of "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, seeds {args.seeds}, one epoch of "
           f"{len(data['train'][1]):,} images each")
     public_one_epoch({"train": tuple(t[:2560] for t in data["train"]), "test": data["test"]}, 0)  # untimed warm-up
     results = {v: [] for v in variants}
@@ -221,7 +227,7 @@ def benchmark(argv=None):
     p.add_argument("--rounds", type=POSITIVE_INT, default=3, help="rounds; the median is reported")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="race: the seeds each variant runs")
-    p.add_argument("--recipes", nargs="+", choices=sorted(model_train.RECIPES), default=list(RACE_RECIPES),
+    p.add_argument("--recipes", nargs="+", choices=sorted(recipes.RECIPES), default=list(RACE_RECIPES),
                    help="race: our one-epoch recipes against the public one")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
     p.add_argument("--checkpoint", help="serve: the checkpoint served (default: the newest runs/*/model.pt)")
@@ -244,9 +250,9 @@ def benchmark(argv=None):
             benchmark_recipes(args, train, ONE_EPOCH_VARIANTS, "net-1epoch", epoch_images=data_file.TRAIN_SIZE)
         else:
             benchmark_pipeline(args, train)
-    except data_file.DataError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -269,10 +275,10 @@ def benchmark_inference(args):
           f"us per digit over {len(single)} digits one at a time; batch 1,000: digits per second")
     print(f"{'recipe':<30} {'network':<16} {'way':<10} {'batch 1':>10} {'ratio':>7} {'batch 1,000':>12} {'ratio':>7}")
     for recipe in INFERENCE_RECIPES:
-        config = model_train.recipe_config(recipe)
+        config = recipes.recipe_config(recipe)
         torch.manual_seed(args.seed)
-        model = build_model(config.model).eval()
-        with tempfile.TemporaryDirectory() as tmp, model_train.predict_path(model) as model:
+        model = reader.as_predict_runs(build_model(config.model))
+        with tempfile.TemporaryDirectory() as tmp:
             float_path = f"{tmp}/model.onnx"
             with open(float_path, "wb") as f:
                 f.write(export.onnx_bytes(model, {}))
@@ -302,10 +308,10 @@ def benchmark_inference(args):
 
 
 def benchmark_pipeline(args, train):
-    batch_size = model_train.recipe_config("net-1epoch").batch_size
+    batch_size = recipes.recipe_config("net-1epoch").batch_size
     order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))
     order = order[:args.steps * batch_size]
-    print(f"torch {torch.__version__}, {model_train.DEFAULT_THREADS} threads, {args.rounds} rounds of "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of "
           f"{args.steps} steps")
     times = {v: [] for v in VARIANTS + ("floor",)}
     for r in range(args.rounds):

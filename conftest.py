@@ -13,11 +13,15 @@ import sys
 import threading
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
 import data_file
+import digit_image
 import model_train
+import reader
+import recipes
 import run_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,7 +83,7 @@ def test_digits():
 
 def train_recipe(recipe, **overrides):
     """(config, model, metrics) of a recipe trained by model_train.train, as main.py trains it."""
-    config = model_train.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
+    config = recipes.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
     return config, *model_train.train(config, log=quiet, progress=False)
 
 
@@ -133,12 +137,56 @@ def seed2_onnx(seed2_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def dry_run_folder(tmp_path_factory):
-    """One `python main.py --dry-run` run folder (metrics.json, model.pt), for the tests that copy it."""
-    folder = tmp_path_factory.mktemp("dry") / "run"
-    r = run_cli("--dry-run", "--no-progress", "--data-dir", DATA_DIR, "--out-dir", str(folder))
-    assert r.returncode == 0, r.stdout + r.stderr
+def untrained_folder(tmp_path_factory):
+    """A run folder as main.py writes it (model.pt, metrics.json) holding the net-1epoch network as initialised
+    from seed 1, never trained: for the tests of commands, files and the server's protocol, which need a
+    checkpoint but no accuracy (those that do are marked slow and use a trained run)."""
+    import model
+    folder = tmp_path_factory.mktemp("untrained") / "run"
+    folder.mkdir()
+    config = recipes.recipe_config("net-1epoch", data_dir=DATA_DIR)
+    torch.manual_seed(config.seed)
+    net = model.build_model(config.model).eval()
+    metrics = {"recipe": config.recipe, "model": config.model, "parameters": model.count_parameters(net),
+               "seed": config.seed, "epochs": []}
+    run_folder.save(str(folder), dataclasses.asdict(config), net, metrics)
     return folder
+
+
+@pytest.fixture(scope="session")
+def stub_server(untrained_folder):
+    """The server answering with an untrained network: every route, limit and refusal of the protocol, without
+    training anything first."""
+    srv = start_server(untrained_folder / "model.pt")
+    yield srv
+    stop_server(srv)
+
+
+TRAINED_FIXTURES = {"seed1_run", "seed2_run", "seed1_checkpoint", "seed2_folder", "seed2_onnx", "server", "page",
+                    "static_site"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The browser tests run only when asked for (`pytest -m browser`): any other -m, or none, leaves them out, so
+    `pytest -m "not slow"` needs no Chromium."""
+    if "browser" in (config.option.markexpr or ""):
+        return
+    browser = [item for item in items if item.get_closest_marker("browser")]
+    if browser:
+        config.hook.pytest_deselected(items=browser)
+        items[:] = [item for item in items if not item.get_closest_marker("browser")]
+
+
+@pytest.fixture(autouse=True)
+def only_slow_tests_train(request, monkeypatch):
+    """`pytest -m "not slow"` trains nothing: a test not marked slow that trains in this process fails."""
+    if request.node.get_closest_marker("slow") is None:
+        trained = sorted(set(request.fixturenames) & TRAINED_FIXTURES)
+        assert not trained, f"this test uses a trained network ({', '.join(trained)}): mark it @pytest.mark.slow"
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("this test trains a network: mark it @pytest.mark.slow")
+        monkeypatch.setattr(model_train, "train_one_epoch", refuse)
 
 
 def write_digit_variants(folder, images, labels):
@@ -183,7 +231,7 @@ def start_server(checkpoint):
     """serve.make_server on a free port with `checkpoint`, serving from a thread; stop it with stop_server."""
     import serve
     model, loaded = run_folder.load_checkpoint(checkpoint)
-    srv = serve.make_server(serve.Predictor(model_train.checkpoint_probabilities(model, loaded)), port=0)
+    srv = serve.make_server(serve.Predictor(reader.digit_reader(model, loaded)), port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
 
@@ -294,3 +342,8 @@ def wait_for_answer(driver, strokes, timeout=30):
     WebDriverWait(driver, timeout).until(
         lambda d: d.execute_script("return document.body.dataset.shown") == str(strokes))
     return driver.find_element("id", "number").text, driver.find_element("id", "error").text
+
+
+def digit_tensor(path):
+    """An image file of one digit as the network's input (1, 28, 28), prepared as predict prepares it."""
+    return torch.from_numpy(digit_image.read_digit(path))[None]

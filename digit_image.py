@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from errors import UserError
+
 MEAN, STD = 0.1307, 0.3081  # MNIST's training pixels, as Normalize((0.1307,), (0.3081,)) uses them
 MAX_SIDE = 1024  # an image larger than this on its longer side is reduced while it is decoded
 EXIF_ORIENTATION = 0x0112  # the tag a phone writes instead of turning the pixels
@@ -38,7 +40,7 @@ CUTS = 3  # the thinnest columns tried as a cut between touching digits
 WIDE = 1.6  # with no judge, a piece wider than this share of the tallest piece is cut at its thinnest column
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """An image file could not be read as a digit or a number; the message names the file."""
 
 

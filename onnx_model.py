@@ -13,15 +13,16 @@ import os
 import numpy as np
 
 from digit_image import TTA_SHIFTS
+from errors import UserError
 
 
-class OnnxError(Exception):
+class OnnxError(UserError):
     """A file that is not a network this project exported (or not ONNX at all); the message names it."""
 
 
 def tta_views(images):
     """(5N, 1, 28, 28): each image (N, 1, 28, 28) as it is and moved one pixel along TTA_SHIFTS, its edge pixels
-    repeated into the gap, in the order the torch path averages them (model_train.predict_log_probs)."""
+    repeated into the gap, in the order the torch path averages them (model_train.log_probabilities)."""
     h, w = images.shape[-2:]
     padded = np.pad(images, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
     return np.concatenate([padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w] for dx, dy in TTA_SHIFTS])
@@ -38,10 +39,8 @@ class OnnxModel:
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # warnings about unused initializers are not the user's business
             self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed: ..."
-            parts = str(e).split(" : ")
-            raise OnnxError(f"{path}: not an ONNX model onnxruntime can load "
-                            f"({parts[2] if len(parts) > 2 else type(e).__name__})") from None
+        except Exception as e:  # onnxruntime's own kinds: InvalidProtobuf, InvalidGraph, Fail, ...
+            raise OnnxError(f"{path}: not an ONNX model onnxruntime can load ({type(e).__name__})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1 or list(inputs[0].shape[1:]) != [1, 28, 28] \
                 or inputs[0].type != "tensor(float)":

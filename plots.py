@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import data_file  # noqa: E402
 import run_folder  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def plot_curves(metrics):
@@ -110,9 +111,9 @@ def main(argv=None):
         print(f"error: {os.path.join(args.run_dir, 'metrics.json')}: not the metrics of a finished run "
               f"({type(e).__name__}: {e})", file=sys.stderr)
         return 1
-    except (run_folder.RunFolderError, data_file.DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
     except OSError as e:
         print(f"error: cannot write the figures into {args.run_dir}: {e.strerror}", file=sys.stderr)
         return 1

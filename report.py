@@ -4,7 +4,8 @@
     python main.py report runs/a runs/b --csv
 
 A row is one config (every value in it but the seed and where the data is kept) measured on one device with
-one torch version: runs that differ in anything else are never averaged together. A row's recipe column names
+one torch version: runs that differ in anything else are never averaged together, and a seed run twice counts
+once (the newest). A row's recipe column names
 the recipe and the flags that moved the config off it, so each row says how to make it again. Dry runs, and
 runs that did not finish (no metrics.json, or one without a test figure), are left out and counted. The UCI
 column is filled where every run of the row was scored with `python main.py evaluate RUN --uci-digits`: the
@@ -17,10 +18,12 @@ import io
 import os
 import statistics
 
-import model_train
+import recipes
 import run_folder
 
-IGNORED = ("seed", "data_dir")  # what a row averages over, and what changes no figure
+# What a row averages over, and what changes no figure: the device asked for is folded into the one the run
+# recorded (a --device cpu run on a machine without a GPU is the default run).
+IGNORED = ("seed", "data_dir", "device")
 
 
 @dataclasses.dataclass
@@ -40,7 +43,7 @@ class Row:
 
 
 def collect(folders):
-    """(rows, left_out) for run folders: rows in the order of the recipes in model_train.RECIPES, seeds sorted
+    """(rows, left_out) for run folders: rows in the order of the recipes in recipes.RECIPES, seeds sorted
     within a row, and left_out {"dry runs": n, "unfinished runs": n, ...} for those not in any row."""
     groups, left_out = {}, {}
     for folder in folders:
@@ -48,19 +51,28 @@ def collect(folders):
         if kind != "finished":
             left_out[kind] = left_out.get(kind, 0) + 1
             continue
-        config = dataclasses.asdict(model_train.config_from_dict(run["config"]))
+        config = dataclasses.asdict(recipes.config_from_dict(run["config"]))
         key = (tuple((k, v) for k, v in sorted(config.items()) if k not in IGNORED),
                run.get("device"), run.get("torch"))
+        written = os.path.getmtime(os.path.join(folder, run_folder.METRICS))
         groups.setdefault(key, []).append((config, {**run, "uci": run_folder.read_uci(folder),
-                                                    "unseen": run_folder.read_uci(folder, "unseen")}))
-    order = ("dry runs", "unfinished runs", "unreadable runs", "folders that are not runs")
-    rows = sorted((make_row(runs) for runs in groups.values()), key=recipe_order)  # stable: else as first seen
+                                                    "unseen": run_folder.read_uci(folder, "unseen")}, written))
+    order = ("dry runs", "unfinished runs", "unreadable runs", "folders that are not runs", "repeated seeds")
+    rows = []
+    for runs in groups.values():
+        newest = {}  # the same config and seed twice is one run measured twice: the newest counts
+        for config, run, written in sorted(runs, key=lambda r: r[2]):
+            if config["seed"] in newest:
+                left_out["repeated seeds"] = left_out.get("repeated seeds", 0) + 1
+            newest[config["seed"]] = (config, run)
+        rows.append(make_row(list(newest.values())))
+    rows.sort(key=recipe_order)  # stable: else as first seen
     return rows, {k: left_out[k] for k in order if k in left_out}
 
 
 def recipe_order(row):
-    """Rows in the order model_train.RECIPES lists their recipes; unknown recipes last."""
-    names = list(model_train.RECIPES)
+    """Rows in the order recipes.RECIPES lists their recipes; unknown recipes last."""
+    names = list(recipes.RECIPES)
     name = row.recipe.split()[0]
     return names.index(name) if name in names else len(names)
 
@@ -101,15 +113,17 @@ def make_row(runs):
 
 def flags_off_recipe(config):
     """The command-line flags that turn the recipe's config into this one (seed and data dir aside); a retired
-    recipe's run folder is read against the config it ran (model_train.RETIRED)."""
+    recipe's run folder is read against the config it ran (recipes.RETIRED)."""
     name = config["recipe"]
-    if name in model_train.RECIPES:
-        base = dataclasses.asdict(model_train.recipe_config(name))
-    elif name in model_train.RETIRED:
-        base = dataclasses.asdict(model_train.retired_config(name))
+    if name in recipes.RECIPES:
+        base = dataclasses.asdict(recipes.recipe_config(name))
+    elif name in recipes.RETIRED:
+        base = dataclasses.asdict(recipes.retired_config(name))
+    elif name in recipes.GONE:
+        return [f"(retired: runs at commit {recipes.LAST_COMMIT_WITH_GONE})"]
     else:
         return ["(unknown recipe)"]
-    return model_train.as_flags({k: v for k, v in config.items() if k not in IGNORED and v != base[k]})
+    return recipes.as_flags({k: v for k, v in config.items() if k not in IGNORED and v != base[k]})
 
 
 def mean_std(values, digits, unit=""):

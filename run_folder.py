@@ -10,24 +10,26 @@ import dataclasses
 import glob
 import json
 import os
+import secrets
 import tempfile
 import time
 import zipfile
 
 import torch
 
-import data_file
-import model_train
-from model import MODELS, build_model, count_parameters
+import recipes
+from errors import UserError
+from model import MODELS, build_model
 
 RUNS = "runs"  # where main.py puts its run folders
+# The reader the repository ships (made by the command in README.md, its config and figures inside it): what
+# predict, serve, evaluate and export load when no checkpoint is named and runs/ holds none.
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "reader.pt")
 METRICS, CHECKPOINT, RESUME = "metrics.json", "model.pt", "resume.pt"
 UCI = "uci-digits.json"  # `python main.py evaluate --uci-digits`: the run's accuracy on the UCI digits, per form
-UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
-os.umask(UMASK)
 
 
-class RunFolderError(Exception):
+class RunFolderError(UserError):
     """A run folder cannot be written, or a file in one cannot be read; the message names the path."""
 
 
@@ -47,13 +49,18 @@ def atomic_write(path, write, check=None):
     refuse it by raising) rename it into place. Whenever it stops (an error, Ctrl-C), `path` is either the old
     file or the whole new one, and no temporary file is left."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    while True:  # a fresh name, made with the mode open() gives (0o666 less the umask), as mkstemp's would not be
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         if check is not None:
             check(tmp)
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):  # gone already when the stop came after the rename
@@ -107,9 +114,22 @@ def write_files(out_dir, files, written=()):
     return written
 
 
+def on_cpu(tree):
+    """A state dict (or any nest of dicts and lists) with every tensor copied to the CPU: a file written on a GPU
+    then loads on a machine without one."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_cpu(v) for v in tree)
+    return tree
+
+
 def save_checkpoint(out_dir, config, model, metrics):
     """Write model.pt into `out_dir`: {"model": state_dict, "model_name", "config", "metrics"}; return its path."""
-    checkpoint = {"model": model.state_dict(), "model_name": metrics["model"], "config": config, "metrics": metrics}
+    checkpoint = {"model": on_cpu(model.state_dict()), "model_name": metrics["model"], "config": config,
+                  "metrics": metrics}
     return write_files(out_dir, [(CHECKPOINT, lambda f: torch.save(checkpoint, f))])
 
 
@@ -128,7 +148,7 @@ def save(out_dir, config, model, metrics, save_model=True):
 def save_resume(out_dir, config, model_name, state, data_dir):
     """Write resume.pt: the config and model_train.train's resumable state after the epoch just finished, and
     where the data was found (an absolute path: a run resumed from another folder finds it there too)."""
-    resume = {"config": config, "model_name": model_name, "state": state, "data_dir": os.path.abspath(data_dir)}
+    resume = {"config": config, "model_name": model_name, "state": on_cpu(state), "data_dir": os.path.abspath(data_dir)}
     write_files(out_dir, [(RESUME, lambda f: torch.save(resume, f))])
 
 
@@ -189,40 +209,6 @@ def record_uci(checkpoint_path, accuracy, unseen=None):
     return f"recorded in {save_uci(folder, accuracy, unseen)[0]}"
 
 
-def uci_lines(checkpoint_path, model, tta, data_dir):
-    """Score the UCI digits (the 13 writers' report half; the 30 unseen writers when their file can be had),
-    record both beside the checkpoint, and yield what `evaluate --uci-digits` prints."""
-    accuracy = model_train.score_uci_digits(model, tta)
-    try:
-        unseen = model_train.score_uci_digits(model, tta, "unseen", data_dir=data_dir)
-    except data_file.DataError as e:  # the 13 writers are still scored and recorded
-        unseen = None
-        yield f"UCI digits, 30 writers unseen: not scored: {e}"
-    where = record_uci(checkpoint_path, accuracy, unseen)
-    for name, figures in (("13 writers, chosen on (the report half)", accuracy), ("30 writers, unseen", unseen)):
-        if figures:
-            yield (f"UCI digits, {name}{' with TTA' if tta else ''}: " +
-                   ", ".join(f"{form} {acc:.2f}%" for form, acc in figures.items()) +
-                   f" | mean {sum(figures.values()) / len(figures):.2f}% ({where})")
-
-
-def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, uci_digits=False,
-                      numbers=0, log=print):
-    """Yield what `python main.py evaluate` prints for the checkpoint at `path`: what it is, its figures on
-    `split` as its run scored them (model_train.evaluation_lines), then the UCI digits and `numbers` numbers
-    when asked. `data_dir` None: where the run found MNIST."""
-    config = model_train.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
-    config = dataclasses.replace(config, device=device, data_dir=data_dir or config.data_dir)
-    yield (f"{path}: {checkpoint['model_name']} ({count_parameters(model):,} parameters), recipe "
-           f"{config.recipe}, seed {config.seed}{', a dry run' if config.dry_run else ''}")
-    yield from model_train.evaluation_lines(model, config, split, checkpoint.get("metrics") or {}, log=log)
-    tta = model_train.checkpoint_tta(checkpoint)
-    if uci_digits:
-        yield from uci_lines(path, model, tta, config.data_dir)
-    if numbers:
-        yield from model_train.number_lines(model_train.score_numbers(model, tta, config.data_dir, numbers))
-
-
 def read_uci(run_dir, key="accuracy"):
     """The {form: %} recorded by save_uci (key "accuracy": the 13 writers' report half; "unseen": the 30 other
     writers), or None when the run has none (or it cannot be read)."""
@@ -260,35 +246,52 @@ def newest_checkpoint(root=RUNS):
 
 
 def load_named_checkpoint(path=None, model_name=None):
-    """(path, model, checkpoint) of a run folder (its model.pt) or a checkpoint file, or of the newest run's
-    when `path` is None: how predict, evaluate and serve find what to load."""
-    path = (os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path) if path else newest_checkpoint()
+    """(path, model, checkpoint) of a run folder (its model.pt) or a checkpoint file, or when `path` is None of the
+    newest run's, else the shipped reader (SHIPPED): how predict, evaluate, serve and export find what to load."""
+    if path and os.path.isdir(path):
+        folder, path = path, os.path.join(path, CHECKPOINT)
+        if not os.path.exists(path):
+            raise RunFolderError(f"{folder}: {missing_checkpoint(folder)}")
+    path = path or newest_checkpoint() or (SHIPPED if os.path.exists(SHIPPED) else None)
     if path is None:
         raise RunFolderError(f"no checkpoint in {RUNS}/: train one first with `python main.py`, or name one")
     return (path, *load_checkpoint(path, model_name))
+
+
+def missing_checkpoint(folder):
+    """Why a folder has no model.pt, and what to do, in words."""
+    if os.path.exists(os.path.join(folder, RESUME)):
+        return (f"an interrupted run, with no {CHECKPOINT} yet: finish it with `python main.py --resume {folder}`")
+    if os.path.exists(os.path.join(folder, METRICS)):
+        return f"a run that saved no {CHECKPOINT} (--no-save-model): train it again without that flag"
+    return f"no {CHECKPOINT} here: name a run folder written by main.py, or its model.pt"
 
 
 def load_file(path):
     """torch.load(path, weights_only=True) after checking the CRC-32 of every record in the file (torch's format
     is a zip archive; torch.load itself checks none, and would load flipped bytes as weights); failures as
     RunFolderError."""
+    if os.path.isdir(path):
+        raise RunFolderError(f"{path}: is a directory, not a checkpoint")
+    if not os.path.exists(path):
+        raise RunFolderError(f"{path}: no such checkpoint")
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                damaged = archive.testzip()
-            if damaged is not None:
-                raise RunFolderError(f"{path}: damaged (the checksum of {damaged.split('/', 1)[-1]} does not match "
-                                     f"what it holds)")
+        if not zipfile.is_zipfile(path):  # torch.save's format; anything else would fail deep inside torch.load
+            raise RunFolderError(f"{path}: not a checkpoint (a model.pt written by main.py is a zip archive; this "
+                                 f"file is not): name a run folder or its model.pt")
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise RunFolderError(f"{path}: damaged (the checksum of {damaged.split('/', 1)[-1]} does not match "
+                                 f"what it holds)")
         return torch.load(path, map_location="cpu", weights_only=True)
     except RunFolderError:
         raise
-    except FileNotFoundError:
-        raise RunFolderError(f"{path}: no such checkpoint") from None
-    except IsADirectoryError:
-        raise RunFolderError(f"{path}: is a directory, not a checkpoint") from None
-    except Exception as e:  # torch.load raises many kinds for a file that is not a plain checkpoint
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise RunFolderError(f"{path}: not a readable checkpoint ({reason})") from None
+    except OSError as e:
+        raise RunFolderError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # torch.load raises many kinds for an archive that is not a plain checkpoint
+        raise RunFolderError(f"{path}: not a checkpoint written by main.py (torch.load with weights_only=True "
+                             f"refuses it: {type(e).__name__}); name a run folder or its model.pt") from None
 
 
 def load_checkpoint(path, model_name=None):
@@ -343,7 +346,7 @@ class Run:
     def resume(cls, run_dir, data_dir=None, save_model=True, log=print):
         """The interrupted run in run_dir, from its resume.pt; data_dir (where MNIST is) overrides the stored one."""
         resume = load_resume(run_dir)
-        config = model_train.config_from_dict(resume["config"])
+        config = recipes.config_from_dict(resume["config"])
         config = dataclasses.replace(config, data_dir=data_dir or resume.get("data_dir") or config.data_dir)
         return cls(config, run_dir, stored=resume["config"], state=resume["state"], save_model=save_model, log=log)
 
@@ -366,13 +369,14 @@ class Run:
             self.created = prepare(self.out_dir)
         return self
 
-    def finish(self, model, metrics):
-        """Write the results: model.pt, the plots, then metrics.json; then drop resume.pt."""
+    def finish(self, model, metrics, draw=None):
+        """Write the results: model.pt, the figures (`draw(out_dir, metrics, data_dir, written)` writes them and
+        returns their names: plots.save_plots), then metrics.json; then drop resume.pt."""
         if not self.write:
+            self.log("a dry run: nothing was written (--out-dir DIR keeps its files)")
             return
-        import plots  # only now, once training has let go of its working memory: matplotlib adds ~50 MB
         written = save_checkpoint(self.out_dir, self.stored, model, metrics) if self.save_model else []
-        figures = plots.save_plots(self.out_dir, metrics, self.config.data_dir, written=written)
+        figures = draw(self.out_dir, metrics, self.config.data_dir, written) if draw else []
         written += [os.path.join(self.out_dir, name) for name in figures]
         written += save_metrics(self.out_dir, self.stored, metrics, written)
         remove_resume(self.out_dir)

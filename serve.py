@@ -15,6 +15,8 @@ at once (MAX_CONNECTIONS, then 503). Every answer, the standard library's own re
 goes away mid-request leaves no traceback.
 """
 import argparse
+import email.parser
+import email.policy
 import http.server
 import io
 import json
@@ -59,6 +61,21 @@ class Predictor:
         """digit_image.answer's {"number", "digits", ...} for an uploaded image; ImageError if it holds none."""
         reading = self.decoder.submit(self.read, body).result()
         return digit_image.answer(reading, self.probabilities(reading.digits))
+
+
+def uploaded_image(content_type, body):
+    """The image in a POST body: the body itself (`curl --data-binary @x.png`, the page's fetch), or the one file of
+    a multipart/form-data upload (`curl -F image=@x.png`, an HTML form), parsed by the standard library's email
+    parser. A multipart body with no file or several is an ImageError (400)."""
+    if not (content_type or "").lower().startswith("multipart/form-data"):
+        return body
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    files = [part for part in message.iter_parts() if part.get_filename() is not None] \
+        if message.is_multipart() else []
+    if len(files) != 1:
+        raise digit_image.ImageError(f"a multipart/form-data upload must hold one file, not {len(files)}")
+    return files[0].get_payload(decode=True) or b""
 
 
 def busy_answer():
@@ -154,7 +171,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.send_json(400, {"error": "the body is shorter than its Content-Length"}, close=True)
         self.server.end_deadline(self.connection)
         try:
-            answer = self.server.predictor(body)
+            answer = self.server.predictor(uploaded_image(self.headers.get("Content-Type"), body))
         except digit_image.ImageError as e:
             return self.send_json(400, {"error": str(e)})
         except Exception as e:  # the page shows it; the server goes on serving
@@ -256,12 +273,12 @@ def load_model(checkpoint=None, onnx=None):
         model = onnx_model.OnnxModel(onnx)
         return (f"{onnx}: {model.config.get('model', '?')}, recipe {model.config.get('recipe', '?')}, onnxruntime"
                 f"{', predicting with TTA' if model.tta else ''}"), model.probabilities
-    import model_train
+    import reader
     import run_folder
     path, model, stored = run_folder.load_named_checkpoint(checkpoint)
-    tta = ", predicting with TTA" if model_train.checkpoint_tta(stored) else ""
+    tta = ", predicting with TTA" if reader.checkpoint_tta(stored) else ""
     line = f"{path}: {stored['model_name']}, recipe {stored.get('config', {}).get('recipe', '?')}{tta}"
-    return line, model_train.checkpoint_probabilities(model, stored)
+    return line, reader.digit_reader(model, stored)
 
 
 def make_server(predictor, host="127.0.0.1", port=8000):

@@ -23,7 +23,9 @@ from tqdm import tqdm  # noqa: E402
 
 import data_file  # noqa: E402
 import model_train  # noqa: E402
+import recipes  # noqa: E402
 import run_folder  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def read_done(path):
@@ -87,8 +89,8 @@ def plot(rows, batch_sizes, dropouts):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Seed-1 network: batch size x dropout x seed, one epoch each.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-sizes", type=model_train.flag_type(int, "positive"), nargs="+", default=[128, 100, 50, 10])
-    p.add_argument("--dropouts", type=model_train.flag_type(float, "fraction_or_zero"), nargs="+",
+    p.add_argument("--batch-sizes", type=recipes.flag_type(int, "positive"), nargs="+", default=[128, 100, 50, 10])
+    p.add_argument("--dropouts", type=recipes.flag_type(float, "fraction_or_zero"), nargs="+",
                    default=[0.25, 0.2, 0.1, 0.005])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (fetched if missing)")
@@ -108,7 +110,7 @@ def sweep(argv=None):
         for b, d, s in tqdm(cells, desc="sweep", initial=0, dynamic_ncols=True):
             if (b, d, s) in done:
                 continue
-            config = model_train.recipe_config("net-1epoch", batch_size=b, dropout=d, seed=s, data_dir=args.data_dir)
+            config = recipes.recipe_config("net-1epoch", batch_size=b, dropout=d, seed=s, data_dir=args.data_dir)
             model, metrics = model_train.train(config, log=lambda *a: None, data=data, progress=False)
             row = {"batch_size": b, "dropout": d, "seed": s, "train_acc": metrics["train_acc"],
                    "eval_train_acc": model_train.measure(model, *data["train"])["acc"],
@@ -127,7 +129,7 @@ def sweep(argv=None):
         print(f"interrupted: {len(done)} of {len(cells)} cells are in {results}; run again to finish",
               file=sys.stderr)
         return 130
-    except (run_folder.RunFolderError, data_file.DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

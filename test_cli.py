@@ -17,10 +17,14 @@ import torch
 from PIL import Image
 
 import benchmark
-import data_file
+import composed_numbers
+import digit_image
+import evaluate
 import main
 import model_train
 import plots
+import reader
+import recipes
 import run_folder
 import sweep
 from conftest import (DATA_DIR, HERE, in_process, one_line_error, predicted, quiet, run_cli, small_split,
@@ -49,35 +53,69 @@ def test_cli_rejects_bad_values_without_traceback(flags, tmp_path, capsys):
     assert os.listdir(tmp_path) == []  # rejected before anything was fetched or written
 
 
-@pytest.mark.parametrize("name", sorted(model_train.RETIRED))
+@pytest.mark.parametrize("name", sorted(recipes.RETIRED))
 def test_a_retired_recipe_says_which_flags_make_the_same_run(name, capsys):
     r = in_process(main.parse_args, ["--recipe", name], capsys)
     said = r.stderr.splitlines()[-1]
     assert r.returncode == 2 and f"{name} has left the recipe list" in said
     flags = said.split("`")[1].split()  # "--recipe R --flag value ...", and that command line makes the same run
-    config = model_train.config_from_args(main.parse_args(flags))
-    assert dataclasses.replace(config, recipe=name) == model_train.retired_config(name)
+    config = recipes.config_from_flags(main.parse_args(flags))
+    assert dataclasses.replace(config, recipe=name) == recipes.retired_config(name)
+
+
+def test_main_puts_back_the_sigterm_handler_it_installs(capsys):
+    mine = lambda signum, frame: None
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        in_process(main.main, ["report", "/nowhere"], capsys)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_interrupted_run_or_a_file_that_is_no_checkpoint_says_what_to_do(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / run_folder.RESUME).write_bytes(b"")
+    r = in_process(main.main, ["evaluate", str(tmp_path / "half")], capsys)
+    assert one_line_error(r) and f"--resume {tmp_path / 'half'}" in r.stderr
+    (tmp_path / "notes.txt").write_text("hello")
+    r = in_process(main.main, ["evaluate", str(tmp_path / "notes.txt")], capsys)
+    assert one_line_error(r) and "not a checkpoint" in r.stderr and "name a run folder" in r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(recipes.GONE))
+def test_a_retired_recipe_whose_flags_left_says_where_it_still_runs(name, capsys):
+    r = in_process(main.parse_args, ["--recipe", name], capsys)
+    said = r.stderr.splitlines()[-1]
+    assert r.returncode == 2 and f"commit {recipes.LAST_COMMIT_WITH_GONE}" in said and "docs/experiments.md" in said
+
+
+def test_a_mistyped_recipe_or_command_is_answered_with_the_nearest_name(capsys):
+    r = in_process(main.main, ["--recipe", "ressenet-8epoc"], capsys)
+    assert r.returncode == 2 and "did you mean ressenet-8epoch?" in r.stderr
+    r = in_process(main.main, ["evalute"], capsys)
+    assert r.returncode == 2 and "did you mean `evaluate`?" in r.stderr
 
 
 def test_every_config_field_is_a_flag_described_by_the_field(capsys):
-    parser = main.build_parser("net-1epoch")
+    parser = main.build_parser()
     actions = {a.dest: a for a in parser._actions if a.option_strings[0] != "--no-accel"}
-    for field in dataclasses.fields(model_train.Config):
+    for field in dataclasses.fields(recipes.Config):
         assert field.name in actions, field.name  # recipe and dry_run are written by hand, the rest from the field
         if field.metadata["cli"]:
             assert actions[field.name].help == field.metadata["help"].replace("%", "%%")
     # Every value a recipe sets reaches the config through its flag, and back.
-    config = model_train.recipe_config("ressenet-wide-writers-clean-30epoch")
-    flags = ["--recipe", "net-1epoch", *" ".join(model_train.as_flags(
+    config = recipes.recipe_config("ressenet-wide-writers-clean-30epoch")
+    flags = ["--recipe", "net-1epoch", *" ".join(recipes.as_flags(
         {k: v for k, v in dataclasses.asdict(config).items() if k not in ("recipe", "dry_run")})).split()]
-    assert dataclasses.replace(model_train.config_from_args(main.parse_args(flags)), recipe=config.recipe) == config
+    assert dataclasses.replace(recipes.config_from_flags(main.parse_args(flags)), recipe=config.recipe) == config
 
 
-@pytest.mark.parametrize("old, new", sorted(model_train.ALIASES.items()))
+@pytest.mark.parametrize("old, new", sorted(recipes.ALIASES.items()))
 def test_cli_flags_become_the_recipes_config_and_old_names_still_work(old, new):
-    assert model_train.config_from_args(main.parse_args(["--recipe", new])) == model_train.recipe_config(new)
-    assert model_train.config_from_args(main.parse_args(["--recipe", old])) == model_train.recipe_config(new)
-    config = model_train.config_from_args(main.parse_args(["--recipe", old, "--batch-size", "7", "--no-tta"]))
+    assert recipes.config_from_flags(main.parse_args(["--recipe", new])) == recipes.recipe_config(new)
+    assert recipes.config_from_flags(main.parse_args(["--recipe", old])) == recipes.recipe_config(new)
+    config = recipes.config_from_flags(main.parse_args(["--recipe", old, "--batch-size", "7", "--no-tta"]))
     assert (config.recipe, config.batch_size, config.tta) == (new, 7, False)
 
 
@@ -106,7 +144,9 @@ def test_commands_import_torchvision_only_when_they_need_it():
 def test_run_folder_files_get_the_usual_permissions(tmp_path):
     path = tmp_path / "metrics.json"
     run_folder.atomic_write(str(path), lambda f: f.write(b"{}"))
-    assert path.stat().st_mode & 0o777 == 0o666 & ~run_folder.UMASK  # as open() would make it, not 0600
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not 0600
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
@@ -147,9 +187,10 @@ def test_an_unavailable_device_is_refused_naming_those_there_are(tmp_path, capsy
                    capsys)
     assert one_line_error(r, code=2) and "available: cpu" in r.stderr
     assert os.listdir(tmp_path) == []
-    assert model_train.config_from_args(main.parse_args(["--no-accel"])).device == "cpu"
+    assert recipes.config_from_flags(main.parse_args(["--no-accel"])).device == "cpu"
 
 
+@pytest.mark.slow
 def test_cli_dry_run_writes_metrics_and_never_over_another_run(tmp_path, capsys):
     out = tmp_path / "missing" / "folders" / "run"  # created on the way
     flags = ["--dry-run", "--no-progress", "--no-accel", "--data-dir", DATA_DIR, "--out-dir", str(out)]
@@ -167,6 +208,7 @@ def test_cli_dry_run_writes_metrics_and_never_over_another_run(tmp_path, capsys)
     assert (out / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_cli_non_finite_loss_is_one_line_and_saves_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     r = in_process(main.main, ["--dry-run", "--no-progress", "--max-lr", "1e30", "--data-dir", DATA_DIR,
@@ -176,6 +218,7 @@ def test_cli_non_finite_loss_is_one_line_and_saves_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_train_then_predict_needs_no_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     digit = tmp_path / "digit.png"
@@ -193,6 +236,7 @@ def test_train_then_predict_needs_no_flags(tmp_path, monkeypatch, capsys):
     assert r.returncode == 0 and r.stdout.startswith(f"{digit}: "), r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_exits_promptly_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     # Ctrl-C as at a terminal: a shell that starts a job in the background (`pytest &`) has it ignore SIGINT,
@@ -229,6 +273,7 @@ def test_plots_of_a_missing_or_damaged_run_folder_are_one_line_errors(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no figure half-written
 
 
+@pytest.mark.slow
 def test_plots_redraws_a_run_folder(tmp_path, capsys):
     r = in_process(main.main, ["--dry-run", "--no-progress", "--recipe", "ressenet-8epoch", "--data-dir", DATA_DIR,
                                "--out-dir", str(tmp_path), "--no-save-model"], capsys)
@@ -281,22 +326,24 @@ def interrupted_after_first_epoch(config, data, folder):
 
 @pytest.mark.parametrize("recipe, overrides", [
     ("net-1epoch", dict(epochs=3, batch_size=64)),  # fused Adam, clipping, dropout
-    # AdamW, augmentation, TTA, the best kept, the moving average of the weights
-    ("ressenet-8epoch", dict(epochs=3, batch_size=256, keep_best=True, ema=0.9)),
+    # AdamW, augmentation, TTA, the moving average of the weights
+    ("ressenet-8epoch", dict(epochs=3, batch_size=256, ema=0.9)),
     ("ressenet-8epoch", dict(epochs=3, batch_size=256, clean_epochs=1)),  # resumed before the clean epoch
 ])
+@pytest.mark.slow
 def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_ends(recipe, overrides, mnist, tmp_path):
     data = small_split(mnist)
-    config = model_train.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
+    config = recipes.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
     whole_model, whole = model_train.train(config, log=quiet, progress=False, data=data)
     saved = interrupted_after_first_epoch(config, data, tmp_path)
     assert len(saved["state"]["history"]) == 1
-    assert model_train.config_from_dict(saved["config"]) == config
+    assert recipes.config_from_dict(saved["config"]) == config
     resumed_model, resumed = model_train.train(config, resume=saved["state"], log=quiet, progress=False, data=data)
     assert without_timings(resumed) == without_timings(whole)
     assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in whole_model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_a_resumable_run_and_resume_finishes_it_bit_for_bit(tmp_path, capsys):
     # net at batch 100 on the 5,000 training images --val-size 55000 leaves: well under a second an epoch.
     flags = ["--epochs", "4", "--batch-size", "100", "--val-size", "55000", "--no-progress", "--data-dir", DATA_DIR]
@@ -336,6 +383,7 @@ SAVING_STEPS = [("resume.pt", "before", 1, None), ("resume.pt", "after", 1, 1), 
 
 
 @pytest.mark.parametrize("name, when, nth, holds", SAVING_STEPS)
+@pytest.mark.slow
 def test_an_interrupt_at_any_step_of_saving_says_what_the_folder_holds(name, when, nth, holds, tmp_path,
                                                                       monkeypatch, capsys):
     out, rename, seen = tmp_path / "run", os.replace, []
@@ -371,12 +419,13 @@ def test_an_interrupt_at_any_step_of_saving_says_what_the_folder_holds(name, whe
 @pytest.fixture()
 def resume_folder(mnist, tmp_path):
     """A run folder with the resume.pt of a net-1epoch run stopped after the first of 3 epochs."""
-    config = model_train.recipe_config("net-1epoch", epochs=3, batch_size=256, data_dir=DATA_DIR)
+    config = recipes.recipe_config("net-1epoch", epochs=3, batch_size=256, data_dir=DATA_DIR)
     (tmp_path / "run").mkdir()
     interrupted_after_first_epoch(config, small_split(mnist), tmp_path / "run")
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_a_damaged_resume_file_is_refused_before_use(resume_folder, capsys):
     path = resume_folder / run_folder.RESUME
     data = bytearray(path.read_bytes())
@@ -388,6 +437,7 @@ def test_a_damaged_resume_file_is_refused_before_use(resume_folder, capsys):
     assert one_line_error(r) and "damaged" in r.stderr and "fc1.weight" not in r.stderr
 
 
+@pytest.mark.slow
 def test_a_resume_file_whose_config_does_not_fit_its_weights_is_refused(resume_folder, capsys):
     path = resume_folder / run_folder.RESUME
     resume = torch.load(path, weights_only=True)
@@ -401,6 +451,7 @@ def test_a_resume_file_whose_config_does_not_fit_its_weights_is_refused(resume_f
     assert one_line_error(r) and "do not fit the 'ressenet' network" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_run_resumed_from_another_folder_finds_its_data(tmp_path, monkeypatch, capsys):
     (tmp_path / "start").mkdir()
     (tmp_path / "elsewhere").mkdir()
@@ -435,15 +486,15 @@ def test_evaluate_without_a_checkpoint_is_a_one_line_error(tmp_path, monkeypatch
     assert one_line_error(r) and "nowhere" in r.stderr
 
 
-def write_run(folder, recipe="net-1epoch", seed=1, test_acc=98.0, seconds=7.0, tta=None, device="cpu",
+def write_run(folder, recipe="net-1epoch", seed=1, test_acc=98.0, seconds=7.0, tta=None, ran_on="cpu",
               finished=True, **overrides):
-    """A run folder as main.py leaves it (metrics.json only), with the given figures."""
-    config = model_train.recipe_config(recipe, seed=seed, **overrides)
+    """A run folder as main.py leaves it (metrics.json only), with the given figures, trained on `ran_on`."""
+    config = recipes.recipe_config(recipe, seed=seed, **overrides)
     folder.mkdir(parents=True)
     if not finished:
         (folder / run_folder.RESUME).write_bytes(b"")
         return
-    metrics = {"recipe": recipe, "model": config.model, "parameters": 13_242, "seed": seed, "device": device,
+    metrics = {"recipe": recipe, "model": config.model, "parameters": 13_242, "seed": seed, "device": ran_on,
                "torch": "2.14.1", "test_acc": test_acc, "train_seconds": seconds}
     if tta is not None:
         metrics["test_acc_tta"] = tta
@@ -454,7 +505,7 @@ def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_p
     for seed, acc, secs in ((3, 98.4, 8.0), (1, 98.0, 6.0), (2, 98.2, 7.0)):
         write_run(tmp_path / f"net-s{seed}", seed=seed, test_acc=acc, seconds=secs)
     write_run(tmp_path / "net-b50", batch_size=50, test_acc=97.5)       # another config: its own row
-    write_run(tmp_path / "net-cuda", device="cuda:0", test_acc=98.1)     # another device: its own row
+    write_run(tmp_path / "net-cuda", ran_on="cuda:0", test_acc=98.1)     # another device: its own row
     write_run(tmp_path / "res-s1", "ressenet-8epoch", 1, 99.3, 27.0, tta=99.5)
     write_run(tmp_path / "res-s2", "ressenet-8epoch", 2, 99.5, 28.0, tta=99.6)
     run_folder.save_uci(str(tmp_path / "res-s1"), {"a": 97.0, "b": 95.0}, unseen={"a": 94.0, "b": 92.0})
@@ -486,6 +537,19 @@ def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_p
     assert main.main(["report", "--csv", str(tmp_path / "net-s1"), str(tmp_path / "net-s2")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split(",")[:8] == ["net-1epoch", "net", "13242", "1", "2", "1 2", "98.1000", "0.1414"]
+
+
+def test_report_counts_a_seed_once_and_folds_the_device_asked_for_into_the_one_used(tmp_path, capsys):
+    write_run(tmp_path / "a", seed=1, test_acc=97.0)
+    os.utime(tmp_path / "a" / run_folder.METRICS, (1, 1))  # the older of two runs of seed 1
+    write_run(tmp_path / "b", seed=1, test_acc=98.0)
+    write_run(tmp_path / "c", seed=2, test_acc=98.2, device="cpu")  # --device cpu, where auto is the CPU too
+    assert main.main(["report", "--csv", *sorted(str(p) for p in tmp_path.iterdir())]) == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()[1:]
+    assert len(rows) == 1 and rows[0].split(",")[:8] == ["net-1epoch", "net", "13242", "1", "2", "1 2", "98.1000",
+                                                         "0.1414"]
+    assert err.strip() == "left out: repeated seeds: 1"
 
 
 def test_report_of_a_missing_folder_or_of_no_runs_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -525,8 +589,8 @@ def test_predict_scores_as_the_checkpoint_was_scored(seed2_run, seed2_folder, te
                                                      capsys):
     files = [(p, label) for p, label in write_digit_variants(tmp_path, test_digits[0][:10], test_digits[1][:10])
              if "plain" in p.name]
-    real, calls = model_train.predict_log_probs, []
-    monkeypatch.setattr(model_train, "predict_log_probs",
+    real, calls = model_train.log_probabilities, []
+    monkeypatch.setattr(model_train, "log_probabilities",
                         lambda m, x, tta=False: calls.append(tta) or real(m, x, tta))
     r = in_process(main.main, ["predict", *(str(p) for p, _ in files), "--checkpoint", str(seed2_folder)], capsys)
     assert r.returncode == 0
@@ -564,12 +628,16 @@ def test_bad_checkpoints_are_refused_clearly(seed1_checkpoint, tmp_path):
         run_folder.load_checkpoint(seed1_checkpoint, "ressenet")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(seed1_checkpoint.read_bytes()[:5000])
-    with pytest.raises(run_folder.RunFolderError, match="not a readable checkpoint"):
+    with pytest.raises(run_folder.RunFolderError, match="not a checkpoint .* name a run folder or its model.pt"):
         run_folder.load_checkpoint(truncated)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    with pytest.raises(run_folder.RunFolderError, match="notes.txt: not a checkpoint"):
+        run_folder.load_checkpoint(notes)
     evil, flag = tmp_path / "evil.pt", tmp_path / "code-ran"
     with open(evil, "wb") as f:
         pickle.dump({"model": Boom(str(flag)), "model_name": "net"}, f, protocol=2)
-    with pytest.raises(run_folder.RunFolderError, match="not a readable checkpoint"):
+    with pytest.raises(run_folder.RunFolderError, match="not a checkpoint"):
         run_folder.load_checkpoint(evil)
     assert not flag.exists()  # weights_only: nothing in the file was run
     mislabelled = tmp_path / "mislabelled.pt"
@@ -605,7 +673,7 @@ def test_evaluate_gives_what_the_run_recorded_on_test_and_validation(seed2_run, 
                        for k in ("acc", "loss", "acc_tta", "loss_tta")}
     # To the last bit: the same kernels, layout and batches as the run.
     fresh, _ = run_folder.load_checkpoint(seed2_folder / "model.pt")
-    result = model_train.rescore(fresh, config, "test", log=quiet)
+    result = evaluate.rescore(fresh, config, "test", log=quiet)
     assert (result["acc"], result["loss"], result["acc_tta"]) == (metrics["test_acc"], metrics["test_loss"],
                                                                   metrics["test_acc_tta"])
     # The seed-1 run held out nothing: its validation split is refused in one line; its test figure agrees.
@@ -617,12 +685,12 @@ def test_evaluate_gives_what_the_run_recorded_on_test_and_validation(seed2_run, 
 
 @pytest.mark.slow
 def test_predict_reads_a_number_digit_by_digit_and_as_json(seed2_folder, test_digits, tmp_path, capsys):
-    numbers = [n for n in data_file.compose_numbers(test_digits[0].numpy(), test_digits[1].numpy(), 40, seed=4)
+    numbers = [n for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 40, seed=4)
                if n[2] >= 3][:6]
     paths = []
     for k, (page, _, _) in enumerate(numbers):
         paths.append(tmp_path / f"number{k}.png")
-        paths[-1].write_bytes(data_file.number_png(255 - page))  # dark ink on white, as paper is
+        paths[-1].write_bytes(composed_numbers.png(255 - page))  # dark ink on white, as paper is
     r = in_process(main.main, ["predict", *map(str, paths), "--checkpoint", str(seed2_folder)], capsys)
     assert r.returncode == 0 and r.stderr == ""
     lines = r.stdout.splitlines()
@@ -655,7 +723,7 @@ def test_predict_answers_one_digit_as_before(seed1_checkpoint, test_digits, tmp_
     model, _ = run_folder.load_checkpoint(seed1_checkpoint)
     same = 0
     for path, line in zip(paths, r.stdout.splitlines()):
-        probs = model_train.digit_probabilities(model, data_file.digit_from_image(path))
+        probs = torch.from_numpy(reader.probabilities(model, digit_image.read_digit(path)[None])[0])
         top = probs.topk(3)
         same += line == f"{path}: {top.indices[0].item()}  (" + ", ".join(
             f"{d} {100 * p:.1f}%" for p, d in zip(top.values.tolist(), top.indices.tolist())) + ")"
@@ -687,7 +755,7 @@ def test_export_errors_are_one_line_and_leave_nothing(seed2_folder, tmp_path, ca
     import export
     (tmp_path / "empty").mkdir()
     r = in_process(main.main, ["export", str(tmp_path / "empty")], capsys)
-    assert one_line_error(r) and "no such checkpoint" in r.stderr
+    assert one_line_error(r) and "no model.pt here" in r.stderr
     torch.save({"model": {}, "model_name": "resnet50"}, tmp_path / "other.pt")
     r = in_process(main.main, ["export", str(tmp_path / "other.pt")], capsys)
     assert one_line_error(r) and "not a checkpoint of this project" in r.stderr

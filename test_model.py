@@ -16,11 +16,18 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
+import composed_numbers
 import data_file
+import errors
 import digit_image
+import evaluate
 import model_train
+import reader
+import recipes
 import run_folder
-from conftest import DATA_DIR, png_claiming_size, predicted, quiet, run_cli, small_split, train_recipe, without_timings
+import uci_digits
+from conftest import DATA_DIR, digit_tensor, png_claiming_size, predicted, quiet, run_cli, small_split, train_recipe, without_timings
 from model import MODELS, Net, ResidualBlock, SqueezeExcite, build_model, center_crop, count_parameters
 
 
@@ -157,9 +164,9 @@ def test_validation_split_is_carved_from_training_set():
 
 
 def test_uci_unseen_writers_are_the_3823_digits_scikit_learn_does_not_ship():
-    images, labels = data_file.uci_unseen_digits(DATA_DIR, log=quiet)
+    images, labels = uci_digits.unseen(DATA_DIR, log=quiet)
     assert images.shape == (3823, 8, 8) and images.dtype == torch.uint8 and sorted(set(labels.tolist())) == list(range(10))
-    known = {bytes(row) for row in torch.cat([data_file.uci_digits(h)[0] for h in ("choose", "report")]).reshape(-1, 64).numpy()}
+    known = {bytes(row) for row in torch.cat([uci_digits.known(h)[0] for h in ("choose", "report")]).reshape(-1, 64).numpy()}
     assert sum(bytes(row) in known for row in images.reshape(-1, 64).numpy()) < 10  # other writers (a few twins by chance)
 
 
@@ -167,7 +174,7 @@ def test_unseen_writers_that_cannot_be_fetched_say_where_to_put_the_file(tmp_pat
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
     monkeypatch.setenv("PIP_RETRIES", "0")
     with pytest.raises(data_file.DataError) as e:
-        data_file.ensure_unseen(str(tmp_path), log=quiet)
+        uci_digits.ensure_unseen(str(tmp_path), log=quiet)
     assert "\n" not in str(e.value) and str(tmp_path / "UCI" / "optdigits.dat") in str(e.value)
     assert os.listdir(tmp_path / "UCI") == []  # nothing half-written
 
@@ -226,15 +233,15 @@ def test_failed_fetch_leaves_nothing_behind_and_says_what_to_do(tmp_path, monkey
 def test_huge_image_is_a_one_line_error(tmp_path):
     png_claiming_size(tmp_path / "huge.png", 20_000, 20_000)
     with pytest.raises(digit_image.ImageError, match="huge.png: too large"):
-        data_file.digit_from_image(tmp_path / "huge.png")
+        digit_tensor(tmp_path / "huge.png")
 
 
 def test_uci_digits_are_two_fixed_halves_of_all_1797():
-    (a, la), (b, lb) = data_file.uci_digits("choose"), data_file.uci_digits("report")
+    (a, la), (b, lb) = uci_digits.known("choose"), uci_digits.known("report")
     assert len(la) + len(lb) == 1797 and a.shape[1:] == (8, 8) and a.dtype == torch.uint8 and int(a.max()) == 255
-    again, _ = data_file.uci_digits("report")
+    again, _ = uci_digits.known("report")
     assert torch.equal(b, again)  # the same split every time
-    png = data_file.uci_png(b[0], "dark on light, 64 px, bilinear")
+    png = uci_digits.png(b[0], "dark on light, 64 px, bilinear")
     img = Image.open(__import__("io").BytesIO(png))
     assert img.size == (64, 64) and np.asarray(img)[0, 0] == 255  # dark ink on light paper
 
@@ -256,9 +263,9 @@ def through_affine_grid(x, g, max_shift, max_degrees, max_scale=0.0):
 
 def test_augmentation_is_affine_grid_and_grid_sample_with_the_generators_draws():
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    same = data_file.random_transform(x, torch.Generator().manual_seed(0), max_shift=0.0, max_degrees=0.0)
+    same = augment.random_transform(x, torch.Generator().manual_seed(0), max_shift=0.0, max_degrees=0.0)
     torch.testing.assert_close(same, x)  # nothing drawn to move: every pixel samples its own centre
-    out = data_file.random_transform(x, torch.Generator().manual_seed(5), max_shift=2.0, max_degrees=10.0)
+    out = augment.random_transform(x, torch.Generator().manual_seed(5), max_shift=2.0, max_degrees=10.0)
     expected, _ = through_affine_grid(x, torch.Generator().manual_seed(5), 2.0, 10.0)
     # The two grids differ by float rounding (~1e-6 of the half-width), which moves a value by at most ~1e-4.
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
@@ -268,45 +275,31 @@ def test_augmentation_is_affine_grid_and_grid_sample_with_the_generators_draws()
 def test_scale_augmentation_grows_and_shrinks_digits_and_draws_only_when_asked_for():
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(5)
-    out = data_file.random_transform(x, g, max_shift=2.0, max_degrees=10.0, max_scale=0.2)
+    out = augment.random_transform(x, g, max_shift=2.0, max_degrees=10.0, max_scale=0.2)
     expected, zoom = through_affine_grid(x, torch.Generator().manual_seed(5), 2.0, 10.0, max_scale=0.2)
     assert 0.8 <= zoom.min() and zoom.max() <= 1.2
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
     square = torch.zeros(1, 1, 28, 28)
     square[..., 10:18, 10:18] = 1.0
-    same = data_file.random_transform(square, torch.Generator().manual_seed(0), 0.0, 0.0, max_scale=1e-9)
+    same = augment.random_transform(square, torch.Generator().manual_seed(0), 0.0, 0.0, max_scale=1e-9)
     assert torch.equal(same, square)  # a vanishing scale moves nothing
     # Without max_scale nothing extra is drawn from the generator, so recipes without it keep their draws.
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    data_file.random_transform(x, g1, 2.0, 10.0)
+    augment.random_transform(x, g1, 2.0, 10.0)
     torch.rand(16, 2, generator=g2), torch.rand(16, generator=g2)
     assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
-    zoomed = data_file.random_transform(square.expand(64, 1, 28, 28), torch.Generator().manual_seed(2), 0.0,
+    zoomed = augment.random_transform(square.expand(64, 1, 28, 28), torch.Generator().manual_seed(2), 0.0,
                                            0.0, max_scale=0.5)
     ink = (zoomed > 0.5).sum((1, 2, 3))
     assert ink.min() < 64 < ink.max()  # some shrunk, some grown, from the 8x8 square's 64 pixels
 
 
-def test_elastic_augmentation_bends_each_image_smoothly_by_about_the_pixels_asked_for():
-    # An image whose value is its pixel's column: what lands at a pixel says which column it was taken from.
-    ramp = torch.arange(28, dtype=torch.float32).expand(256, 1, 28, 28).clone()
-    out = data_file.random_transform(ramp, torch.Generator().manual_seed(0), 0.0, 0.0, elastic=1.0)
-    moved = (out - ramp)[..., 4:24, 4:24]  # sideways moves, away from the border (which repeats the edge)
-    assert 0.5 < moved.std() < 1.0 and moved.abs().amax() < 5  # about a pixel, a few at most
-    assert (moved.std((1, 2, 3)) > 0.1).all()  # every image bent, each its own way
-    assert not torch.equal(moved[0], moved[1])
-    # Neighbours move together (by under a pixel per pixel): strokes bend, they do not tear or fold.
-    assert moved.diff(dim=-1).abs().amax() < 1 and moved.diff(dim=-2).abs().amax() < 1
-    # With elastic=0 nothing is drawn for it: test_scale_augmentation... checks the generator's state.
-    same = data_file.random_transform(ramp, torch.Generator().manual_seed(0), 0.0, 0.0, elastic=0.0)
-    torch.testing.assert_close(same, ramp)
-
 
 def test_restyle_gives_a_fraction_of_digits_another_writers_look(mnist):
     x = mnist["test"][0][:64]
-    assert torch.equal(data_file.random_restyle(x, torch.Generator().manual_seed(0), fraction=0.0), x)
-    out = data_file.random_restyle(x, torch.Generator().manual_seed(3), fraction=0.5)
-    again = data_file.random_restyle(x, torch.Generator().manual_seed(3), fraction=0.5)
+    assert torch.equal(augment.random_restyle(x, torch.Generator().manual_seed(0), fraction=0.0), x)
+    out = augment.random_restyle(x, torch.Generator().manual_seed(3), fraction=0.5)
+    again = augment.random_restyle(x, torch.Generator().manual_seed(3), fraction=0.5)
     assert torch.equal(out, again)  # the generator's draws decide everything
     changed = (out - x).abs().amax((1, 2, 3)) > 1e-4
     assert 16 <= changed.sum() <= 48  # about half of the 64
@@ -316,19 +309,19 @@ def test_restyle_gives_a_fraction_of_digits_another_writers_look(mnist):
     # The recipe's augmentation draws the digit variants first, then restyles, then shifts and rotations, from
     # the one generator.
     y = mnist["test"][1][:64]
-    config = model_train.Config(digit_variants=0.5, restyle=0.5, shift=2.0, rotate=10.0)
-    composed = model_train.augmentation(config, torch.Generator().manual_seed(3))(x, y)
+    config = recipes.Config(digit_variants=0.5, restyle=0.5, shift=2.0, rotate=10.0)
+    composed = augment.augmentation(config, torch.Generator().manual_seed(3))(x, y)
     g = torch.Generator().manual_seed(3)
-    expected = data_file.random_transform(
-        data_file.random_restyle(data_file.random_digit_variants(x, y, g, 0.5), g, 0.5), g, 2.0, 10.0)
+    expected = augment.random_transform(
+        augment.random_restyle(augment.random_digit_variants(x, y, g, 0.5), g, 0.5), g, 2.0, 10.0)
     assert torch.equal(composed, expected)
 
 
 def test_digit_variants_redraw_only_a_fraction_of_the_1s_and_9s(mnist):
     x, y = mnist["test"][0][:2000], mnist["test"][1][:2000]
-    assert torch.equal(data_file.random_digit_variants(x, y, torch.Generator().manual_seed(0), 0.0), x)
-    out = data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5)
-    assert torch.equal(out, data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5))
+    assert torch.equal(augment.random_digit_variants(x, y, torch.Generator().manual_seed(0), 0.0), x)
+    out = augment.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5)
+    assert torch.equal(out, augment.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5))
     changed = (out - x).abs().amax((1, 2, 3)) > 1e-4
     eligible = (y == 1) | (y == 9)
     assert not changed[~eligible].any()  # no other digit is touched
@@ -339,140 +332,20 @@ def test_digit_variants_redraw_only_a_fraction_of_the_1s_and_9s(mnist):
     assert (ink(out[changed]) > ink(x[changed])).all()  # a flag, a foot, a wider bar or a tail: always more ink
     # The same draws whatever the labels: the generator's stream does not depend on how many 1s a batch holds.
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    data_file.random_digit_variants(x, y, g1, 0.5), data_file.random_digit_variants(x, torch.zeros_like(y), g2, 0.5)
+    augment.random_digit_variants(x, y, g1, 0.5), augment.random_digit_variants(x, torch.zeros_like(y), g2, 0.5)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
-
-
-def test_hooked_nines_change_only_the_9s_tail(mnist):
-    # The same draws as the curled tail's, so only the 9s differ; a hook reaches further left and may bend
-    # down, where the curl only rises.
-    x, y = mnist["test"][0][:300], mnist["test"][1][:300]
-    curled = data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5)
-    hooked = data_file.random_digit_variants(x, y, torch.Generator().manual_seed(4), 0.5, hooked_nines=True)
-    assert torch.equal(curled[y != 9], hooked[y != 9])
-    changed = ((hooked - x).abs().amax((1, 2, 3)) > 1e-4) & (y == 9)
-    assert 5 <= changed.sum() < (y == 9).sum()
-    on = lambda images: images[:, 0] * data_file.STD + data_file.MEAN > 0.5  # (K, H, W)
-    left = lambda images: torch.where(on(images).any(1), torch.arange(28), 28).amin(1)  # first inked column
-    low = lambda images: torch.where(on(images).any(2), torch.arange(28), 0).amax(1)  # last inked row
-    assert (left(hooked[changed]) <= left(curled[changed])).all()
-    assert (left(hooked[changed]) < left(curled[changed])).any()
-    assert (low(hooked[changed]) >= low(curled[changed])).all()
-    assert (low(hooked[changed]) > low(curled[changed])).any()  # some hooks bend below where any curl starts
-
-
-# Other writers' looks (random_looks): each look on a few real training digits of its kind, in ink (0-1).
-def digits_of(mnist, digit, n=8):
-    x, y = mnist["train"]
-    return (x[y == digit][:n, 0] * data_file.STD + data_file.MEAN).clamp(0, 1)
-
-
-def draws(n, seed=0):
-    return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def test_marker_look_draws_thicker_strokes_without_anti_aliasing(mnist):
-    ink = digits_of(mnist, 3)
-    out = data_file.look_marker(ink, draws(8))
-    assert set(out.unique().tolist()) == {0.0, 1.0}  # ink or none
-    assert ((out > 0.5).sum((1, 2)) > 1.3 * (ink > 0.5).sum((1, 2))).all()  # every stroke thicker
-
-
-def test_fill_look_makes_a_digit_about_as_wide_as_it_is_tall(mnist):
-    ink = digits_of(mnist, 2)
-    out = data_file.look_fill(ink, draws(8))
-
-    def width_per_height(a):
-        on = a > 0.5
-        rows, cols = on.any(1).nonzero()[:, 0], on.any(0).nonzero()[:, 0]
-        return (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
-    before, after = [torch.stack([width_per_height(a) for a in images]) for images in (ink, out)]
-    assert (after >= before - 0.05).all() and (after > 0.8).all()  # never narrowed; filling its box
-    assert torch.equal((out > 0.05).any(2), (ink > 0.05).any(2))  # the same rows: only widened
-    assert not out[:, :, 0].any() and not out[:, :, -1].any()  # inside the frame
-
-
-def test_continental_one_look_adds_a_long_up_stroke_and_a_foot(mnist):
-    ink = digits_of(mnist, 1)
-    out = data_file.look_continental_one(ink, draws(8))
-    for a, b in zip(ink, out):
-        rows = (a > 0.5).any(1).nonzero()[:, 0]
-        top, bottom, height = rows.min(), rows.max(), rows.max() - rows.min()
-        top_column = (a[top] > 0.5).nonzero()[:, 0].float().mean()
-        new = (b > 0.5) & ~(a > 0.5)
-        upper = new[top:top + height // 2]  # the up-stroke: new ink in the 1's upper half, reaching left
-        assert upper.sum() > 0.3 * height and upper.nonzero()[:, 1].min() < top_column - 0.3 * height
-        foot = (b[bottom] > 0.5).sum()  # the foot: the bottom row wider than the stroke was
-        assert foot >= (a[bottom] > 0.5).sum() + 0.3 * height
-
-
-def test_barred_seven_look_crosses_the_stem_near_the_middle(mnist):
-    ink = digits_of(mnist, 7)
-    out = data_file.look_barred_seven(ink, draws(8))
-    for a, b in zip(ink, out):
-        rows = (a > 0.5).any(1).nonzero()[:, 0]
-        top, height = rows.min().item(), (rows.max() - rows.min()).item()
-        middle = slice(top + round(0.5 * height) - 2, top + round(0.6 * height) + 3)
-        new = (b > 0.5) & ~(a > 0.5)
-        assert new[middle].sum() >= 0.2 * height and new.sum() == new[middle].sum()  # a bar, and nothing else
-
-
-def test_straight_nine_look_keeps_the_loop_and_draws_a_vertical_stem(mnist):
-    ink = digits_of(mnist, 9)
-    out = data_file.look_straight_nine(ink, draws(8))
-    for a, b in zip(ink, out):
-        rows = (a > 0.5).any(1).nonzero()[:, 0]
-        top, bottom, height = rows.min().item(), rows.max().item(), (rows.max() - rows.min()).item()
-        loop = top + round(0.45 * height) - 5  # above where the stem (and its soft edge) starts
-        assert torch.equal(b[:loop], a[:loop])  # the loop as it was
-        stem = (b[top + round(0.6 * height):bottom + 1] > 0.5).nonzero()[:, 1]  # the columns of the lower part
-        assert stem.numel() > 0 and stem.max() - stem.min() <= 3  # one straight vertical stroke
-        assert (b[bottom] > 0.5).any()  # down to the bottom
-
-
-def test_open_four_look_erases_only_ink_left_of_the_stem_at_the_top(mnist):
-    ink = digits_of(mnist, 4, 64)
-    out = data_file.look_open_four(ink, draws(64))
-    assert (out <= ink).all()  # only erased
-    assert ((ink - out).sum((1, 2)) > 0).any()  # and some 4s opened
-    for a, b in zip(ink, out):
-        rows = (a > 0.5).any(1).nonzero()[:, 0]
-        top, height = rows.min().item(), (rows.max() - rows.min()).item()
-        assert torch.equal(b[top + round(0.4 * height) + 1:], a[top + round(0.4 * height) + 1:])  # below the top
-
-
-def test_random_looks_change_only_a_fraction_and_draw_the_same_stream_whatever_the_labels(mnist):
-    x, y = mnist["train"][0][:2000], mnist["train"][1][:2000]
-    assert torch.equal(data_file.random_looks(x, y, torch.Generator().manual_seed(0), 0.0), x)
-    out = data_file.random_looks(x, y, torch.Generator().manual_seed(6), 0.3)
-    assert torch.equal(out, data_file.random_looks(x, y, torch.Generator().manual_seed(6), 0.3))
-    changed = (out - x).abs().amax((1, 2, 3)) > 1e-4
-    assert 0.2 < changed.float().mean() < 0.33  # about 0.3 (an open 4 that had nothing to erase is unchanged)
-    ink = out[changed] * data_file.STD + data_file.MEAN
-    torch.testing.assert_close(ink.amax((1, 2, 3)), torch.ones(int(changed.sum())))  # max ink 1
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    data_file.random_looks(x, y, g1, 0.3), data_file.random_looks(x, torch.zeros_like(y), g2, 0.3)
-    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
-    # In the recipe's augmentation the looks come after the digit variants and before the restyle.
-    config = model_train.Config(digit_variants=0.5, looks=0.3, restyle=0.5)
-    composed = model_train.augmentation(config, torch.Generator().manual_seed(3))(x[:64], y[:64])
-    g = torch.Generator().manual_seed(3)
-    expected = data_file.random_restyle(data_file.random_looks(
-        data_file.random_digit_variants(x[:64], y[:64], g, 0.5), y[:64], g, 0.3), g, 0.5)
-    assert torch.equal(composed, expected)
 
 
 # --- the recipes and the training loop, on a few batches ----------------------------------------------------
 
-# Every recipe's values, pinned: a change to a base (model_train.RESSENET, ONE_PASS, SMALL_NETWORK) or to a Config
+# Every recipe's values, pinned: a change to a base (recipes.RESSENET, ONE_PASS, SMALL_NETWORK) or to a Config
 # default shows up here as the recipes it changes. Values not listed are Config's defaults, pinned first.
 CONFIG_DEFAULTS = {
-    "recipe": "net-1epoch", "model": "net", "dropout": 0.005, "epochs": 1, "batch_size": 10, "test_batch_size": 1000,
+    "recipe": "net-1epoch", "model": "net", "dropout": 0.005, "epochs": 1, "batch_size": 10,
     "optimizer": "adam", "momentum": 0.9, "schedule": "onecycle", "max_lr": 0.005, "pct_start": 0.1,
     "div_factor": 1.0, "final_div_factor": 10.0, "weight_decay": 0.0, "clip_grad": 1.0, "val_size": 0, "shift": 0.0,
-    "rotate": 0.0, "scale": 0.0, "elastic": 0.0, "restyle": 0.0, "digit_variants": 0.0, "hooked_nines": False,
-    "looks": 0.0, "clean_epochs": 0, "label_smoothing": 0.0, "ema": 0.0, "tta": False, "keep_best": False, "seed": 1,
-    "exact": False, "device": "auto", "dry_run": False, "data_dir": "./data"}
+    "rotate": 0.0, "scale": 0.0, "restyle": 0.0, "digit_variants": 0.0, "clean_epochs": 0, "label_smoothing": 0.0,
+    "ema": 0.0, "tta": False, "seed": 1, "exact": False, "device": "auto", "dry_run": False, "data_dir": "./data"}
 RESSENET_8 = dict(model="ressenet", dropout=0.1, epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
                   final_div_factor=100.0, weight_decay=0.0005, clip_grad=0.0, val_size=10000, shift=2.0, rotate=10.0,
                   label_smoothing=0.1, tta=True)
@@ -490,41 +363,42 @@ PINNED = {
     "ressenet-wide-1epoch": dict(ONE_EPOCH, model="ressenet-wide", dropout=0.1, batch_size=24, max_lr=0.0075),
     "ressenet-wide22-b128-1epoch": dict(ONE_EPOCH, model="ressenet-wide22", dropout=0.0, batch_size=128, max_lr=0.03),
     "ressenet-wide-ema-30epoch": WIDE_30,
-    "ressenet-wide-writers-clean-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, hooked_nines=True,
-                                                clean_epochs=2),
+    "ressenet-wide-writers-clean-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, clean_epochs=2),
     "ressenet-micro-clean-40epoch": dict(SMALL_40, model="ressenet-micro"),
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
 }
 
 
 def test_config_defaults_are_pinned():
-    assert dataclasses.asdict(model_train.Config()) == CONFIG_DEFAULTS
+    assert dataclasses.asdict(recipes.Config()) == CONFIG_DEFAULTS
 
 
-@pytest.mark.parametrize("recipe", sorted(model_train.RECIPES))
+@pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
 def test_every_recipe_resolves_to_its_pinned_values(recipe):
-    assert sorted(model_train.RECIPES) == sorted(PINNED)  # a new recipe is pinned too
-    assert dataclasses.asdict(model_train.recipe_config(recipe)) == {**CONFIG_DEFAULTS, **PINNED[recipe],
+    assert sorted(recipes.RECIPES) == sorted(PINNED)  # a new recipe is pinned too
+    assert dataclasses.asdict(recipes.recipe_config(recipe)) == {**CONFIG_DEFAULTS, **PINNED[recipe],
                                                                      "recipe": recipe}
 
 
-RETIRED_RAN = {"ressenet-wide-variants-30epoch": dict(WIDE_30, restyle=0.5, digit_variants=0.5),
-               "ressenet-wide-writers-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, hooked_nines=True)}
+RETIRED_RAN = {"ressenet-wide-writers-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5),
+               "ressenet-micro-40epoch": dict(SMALL_40, model="ressenet-micro", clean_epochs=0)}
 
 
 @pytest.mark.parametrize("name", sorted(RETIRED_RAN))
 def test_a_retired_recipe_resolves_to_what_it_ran(name):
     # Its old run folders are read against this config (report.py): the values it had while it was a recipe.
-    assert dataclasses.asdict(model_train.retired_config(name)) == {**CONFIG_DEFAULTS, **RETIRED_RAN[name],
+    assert dataclasses.asdict(recipes.retired_config(name)) == {**CONFIG_DEFAULTS, **RETIRED_RAN[name],
                                                                     "recipe": name}
 
 
-@pytest.mark.parametrize("recipe", sorted(model_train.RECIPES))
+@pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
+@pytest.mark.slow
 def test_every_recipe_dry_runs(recipe):
     _, model, metrics = train_recipe(recipe, dry_run=True, device="cpu")
     assert metrics["epochs"][0]["steps"] == 5 and np.isfinite(metrics["epochs"][0]["loss"])
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_and_weights():
     def short_run():
         _, model, metrics = train_recipe("net-1epoch", dry_run=True, seed=7)
@@ -537,7 +411,7 @@ def test_same_seed_gives_identical_metrics_and_weights():
 
 def test_one_step_warm_up_means_none():
     # 5 steps with pct_start 0.2 (the seed-2 dry run) give OneCycleLR a warm-up of zero width to divide by.
-    config = model_train.Config(max_lr=0.01, pct_start=0.2, div_factor=10.0, final_div_factor=100.0)
+    config = recipes.Config(max_lr=0.01, pct_start=0.2, div_factor=10.0, final_div_factor=100.0)
     optimizer, scheduler = model_train.make_optimizer(torch.nn.Linear(2, 2), config, total_steps=5, fused=False)
     lrs = [scheduler.get_last_lr()[0]]
     for _ in range(4):
@@ -557,7 +431,7 @@ def test_tta_averages_the_image_and_its_four_one_pixel_shifts():
             return torch.randn(len(x), 10).log_softmax(1)
 
     x = torch.randn(3, 1, 28, 28)
-    out = model_train.predict_log_probs(Recorder(), x, tta=True)
+    out = model_train.log_probabilities(Recorder(), x, tta=True)
     torch.testing.assert_close(out.exp().sum(1), torch.ones(3))  # still log-probabilities
     assert len(seen) == 5 and torch.equal(seen[0], x)
     right, left, down, up = seen[1:]
@@ -565,26 +439,48 @@ def test_tta_averages_the_image_and_its_four_one_pixel_shifts():
     assert torch.equal(down[..., 1:, :], x[..., :-1, :]) and torch.equal(up[..., :-1, :], x[..., 1:, :])
     assert torch.equal(right[..., 0], x[..., 0])  # the edge repeats into the gap, as in training's shifts
     seen.clear()
-    model_train.predict_log_probs(Recorder(), x, tta=False)
+    model_train.log_probabilities(Recorder(), x, tta=False)
     assert len(seen) == 1
 
 
+def test_cpu_kernels_hold_for_the_block_only():
+    before = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    with model_train.cpu_kernels(recipes.recipe_config("net-1epoch"), torch.device("cpu")):
+        assert not torch.backends.mkldnn.enabled and torch.get_num_threads() == 1  # small ops: plain, one thread
+    assert (torch.backends.mkldnn.enabled, torch.get_num_threads()) == before
+    with model_train.cpu_kernels(recipes.recipe_config("ressenet-8epoch"), torch.device("cpu")):
+        assert torch.backends.mkldnn.enabled and torch.get_num_threads() == before[1]
+    assert (torch.backends.mkldnn.enabled, torch.get_num_threads()) == before
+
+
+def test_a_resume_state_from_another_type_of_device_is_refused_before_anything_is_put_back():
+    model = build_model("net")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {"rng_device": "cuda", "model": {}, "history": []}
+    with pytest.raises(model_train.DeviceError, match="trained on cuda .* resume it on a machine with cuda"):
+        model_train.restore(state, model, None, None, None, torch.device("cpu"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert issubclass(model_train.DeviceError, errors.UserError) and model_train.DeviceError.exit_status == 2
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_training_at_once(mnist):
     torch.manual_seed(0)
     model = Net()
-    optimizer, scheduler = model_train.make_optimizer(model, model_train.Config(max_lr=1e30), total_steps=50, fused=True)
+    optimizer, scheduler = model_train.make_optimizer(model, recipes.Config(max_lr=1e30), total_steps=50, fused=True)
     x, y = mnist["train"][0][:500], mnist["train"][1][:500]
     with pytest.raises(model_train.NonFiniteLoss, match=r"at step \d+ of 50 \(learning rate"):
         model_train.train_one_epoch(model, optimizer, scheduler, data_file.batches(x, y, 10), 50,
                                     progress=False)
 
 
+@pytest.mark.slow
 def test_moving_average_of_the_weights_follows_its_recursion(mnist):
     # --ema keeps avg = decay * avg + (1 - decay) * weights after every step, BatchNorm statistics included;
     # the first step's weights start it.
     torch.manual_seed(0)
     model, decay = build_model("ressenet"), 0.9
-    optimizer, scheduler = model_train.make_optimizer(model, model_train.Config(max_lr=0.01), total_steps=4, fused=True)
+    optimizer, scheduler = model_train.make_optimizer(model, recipes.Config(max_lr=0.01), total_steps=4, fused=True)
     ema = model_train.moving_average(model, decay)
     x, y = mnist["train"][0][:256], mnist["train"][1][:256]
     expected = None
@@ -599,12 +495,13 @@ def test_moving_average_of_the_weights_follows_its_recursion(mnist):
     assert not torch.equal(averaged["fc.weight"], model.state_dict()["fc.weight"])
 
 
+@pytest.mark.slow
 def test_clean_epochs_train_the_last_epochs_without_augmentation(mnist, monkeypatch):
     calls = []
-    augment = data_file.random_transform
-    monkeypatch.setattr(data_file, "random_transform", lambda *a, **k: calls.append(1) or augment(*a, **k))
+    transform = augment.random_transform
+    monkeypatch.setattr(augment, "random_transform", lambda *a, **k: calls.append(1) or transform(*a, **k))
     per_epoch, data = [], small_split(mnist)
-    config = model_train.recipe_config("ressenet-8epoch", epochs=3, batch_size=256, clean_epochs=2, data_dir=DATA_DIR)
+    config = recipes.recipe_config("ressenet-8epoch", epochs=3, batch_size=256, clean_epochs=2, data_dir=DATA_DIR)
     model_train.train(config, log=quiet, progress=False, data=data,
                       on_epoch=lambda state: per_epoch.append(len(calls)))
     steps = data_file.num_batches(len(data["train"][1]), config.batch_size)
@@ -649,18 +546,18 @@ def test_seed2_recipe_reaches_99_4_percent_test_accuracy(seed2_run):
 @pytest.mark.slow
 def test_uci_score_is_what_predict_says_of_the_same_files(seed1_checkpoint, tmp_path):
     model, checkpoint = run_folder.load_checkpoint(seed1_checkpoint)
-    scores = model_train.score_uci_digits(model, False, count=6)
-    images, labels = data_file.uci_digits("report")
+    scores = reader.score_uci_digits(model, False, count=6)
+    images, labels = uci_digits.known("report")
     files = []
-    for form in data_file.UCI_FORMS:
+    for form in uci_digits.FORMS:
         for i in range(6):
             path = tmp_path / f"{form.replace(' ', '_').replace(',', '')}-{i}.png"
-            path.write_bytes(data_file.uci_png(images[i], form))
+            path.write_bytes(uci_digits.png(images[i], form))
             files.append((form, path, int(labels[i])))
     r = run_cli("predict", *[str(p) for _, p, _ in files], "--checkpoint", str(seed1_checkpoint))
     assert r.returncode == 0, r.stderr
     said = predicted(r.stdout)
-    for form in data_file.UCI_FORMS:
+    for form in uci_digits.FORMS:
         right = sum(said[str(p)] == label for f, p, label in files if f == form)
         assert scores[form] == 100 * right / 6, form
 
@@ -668,7 +565,7 @@ def test_uci_score_is_what_predict_says_of_the_same_files(seed1_checkpoint, tmp_
 # --- numbers: digits written in a row (digit_image) ----------------------------------------------------------
 
 def number_file(path, page):
-    path.write_bytes(data_file.number_png(page))
+    path.write_bytes(composed_numbers.png(page))
     return path
 
 
@@ -690,22 +587,22 @@ def test_an_image_of_one_digit_reads_as_one_digit_exactly_as_before(test_digits,
         Image.fromarray(255 - images[i].numpy()).resize((112, 112), Image.BILINEAR).save(path)
         reading = digit_image.read_digits(path)
         assert len(reading.digits) == 1 and np.array_equal(reading.digits[0], digit_image.read_digit(path))
-        assert torch.equal(data_file.digit_from_image(path)[0], torch.from_numpy(reading.digits[0]))
+        assert torch.equal(digit_tensor(path)[0], torch.from_numpy(reading.digits[0]))
 
 
 def test_composed_numbers_are_fixed_by_their_seed_and_cover_every_length_and_gap(test_digits):
     images, labels = test_digits[0].numpy(), test_digits[1].numpy()
-    numbers = data_file.compose_numbers(images, labels, 200, seed=3)
-    again = data_file.compose_numbers(images, labels, 200, seed=3)
+    numbers = composed_numbers.compose(images, labels, 200, seed=3)
+    again = composed_numbers.compose(images, labels, 200, seed=3)
     assert all(np.array_equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(numbers, again))
-    assert {len(d) for _, d, _ in numbers} == set(data_file.NUMBER_LENGTHS)
-    assert {g for _, _, g in numbers} == set(data_file.NUMBER_GAPS)
+    assert {len(d) for _, d, _ in numbers} == set(composed_numbers.LENGTHS)
+    assert {g for _, _, g in numbers} == set(composed_numbers.GAPS)
     assert all(page.dtype == np.uint8 and page.shape[0] < 60 for page, _, _ in numbers)
 
 
 def test_digits_apart_are_found_left_to_right_without_a_network(test_digits, tmp_path):
     images, labels = test_digits[0].numpy(), test_digits[1].numpy()
-    numbers = [n for n in data_file.compose_numbers(images, labels, 120, seed=1) if n[2] >= 4]
+    numbers = [n for n in composed_numbers.compose(images, labels, 120, seed=1) if n[2] >= 4]
     found = 0
     for k, (page, written, _) in enumerate(numbers):
         reading = digit_image.read_digits(number_file(tmp_path / f"{k}.png", page))
@@ -717,7 +614,7 @@ def test_digits_apart_are_found_left_to_right_without_a_network(test_digits, tmp
 
 def test_two_lines_read_the_one_with_more_ink_and_say_so(test_digits, tmp_path):
     images, labels = test_digits[0].numpy(), test_digits[1].numpy()
-    numbers = [n for n in data_file.compose_numbers(images, labels, 80, seed=2) if n[2] >= 4]
+    numbers = [n for n in composed_numbers.compose(images, labels, 80, seed=2) if n[2] >= 4]
     short = next(page for page, written, _ in numbers if len(written) == 2)
     long, written, _ = next(n for n in numbers if len(n[1]) == 6)
     page = np.zeros((short.shape[0] + long.shape[0] + 20, max(short.shape[1], long.shape[1])), np.uint8)
@@ -741,7 +638,7 @@ def test_too_many_digits_and_a_blank_image_are_errors(test_digits, tmp_path):
 def test_numbers_of_test_digits_are_read_whole(seed2_run):
     # 200 of the 1,000 numbers `evaluate --numbers` reads, with the suite's ressenet-8epoch run (seed 1)
     _, model, _ = seed2_run
-    result = model_train.score_numbers(copy.deepcopy(model), True, DATA_DIR, count=200)
-    print(model_train.number_lines(result))
-    assert result["exact"] >= 91 and model_train.spaced(result) >= 96  # measured: 95.0 and 99.4
+    result = reader.score_numbers(copy.deepcopy(model), True, DATA_DIR, count=200)
+    print(evaluate.number_lines(result))
+    assert result["exact"] >= 91 and evaluate.spaced(result) >= 96  # measured: 95.0 and 99.4
     assert result["digits"] >= 98.5

@@ -16,19 +16,20 @@ import pytest
 import torch
 from PIL import Image
 
+import composed_numbers
 import data_file
 import digit_image
 import main
-import model_train
+import reader
 import run_folder
 import serve
-from conftest import (DATA_DIR, HERE, draw_digit, http_request, in_process, one_line_error, png_claiming_size, predicted,
+from conftest import (digit_tensor, DATA_DIR, HERE, draw_digit, http_request, in_process, one_line_error, png_claiming_size, predicted,
                       raw_request, wait_for_answer, write_digit_variants)
 
 
 # --- the server over HTTP -----------------------------------------------------------------------------------
 
-def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path, dry_run_folder, monkeypatch, capsys):
+def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path, untrained_folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     r = in_process(main.main, ["serve"], capsys)
     assert one_line_error(r) and "python main.py" in r.stderr
@@ -36,13 +37,13 @@ def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path, dry_run_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        shutil.copytree(dry_run_folder, tmp_path / "runs" / "x")
+        shutil.copytree(untrained_folder, tmp_path / "runs" / "x")
         r = in_process(main.main, ["serve", "--port", str(port)], capsys)
         assert one_line_error(r) and f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
 
 
-def test_serve_binds_to_loopback_and_stops_cleanly_on_ctrl_c(tmp_path, dry_run_folder):
-    shutil.copytree(dry_run_folder, tmp_path / "runs" / "x")
+def test_serve_binds_to_loopback_and_stops_cleanly_on_ctrl_c(tmp_path, untrained_folder):
+    shutil.copytree(untrained_folder, tmp_path / "runs" / "x")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "main.py"), "serve", "--port", "0"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -66,7 +67,7 @@ def test_server_predicts_real_digits_as_predict_does(server, seed1_checkpoint, t
         status, answer = http_request(server, "POST", "/predict", path.read_bytes(), {"Content-Type": "image/png"})
         assert status == 200 and int(answer["number"]) == said[str(path)]
         if len(answer["digits"]) == 1:  # one digit: today's fields, from today's preparation and scoring
-            expected = model_train.digit_probabilities(model, data_file.digit_from_image(path), False)
+            expected = reader.probabilities(model, digit_image.read_digit(path)[None], False)[0]
             assert answer["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
             assert answer["preview"].startswith("data:image/png;base64,")
             one += 1
@@ -75,8 +76,8 @@ def test_server_predicts_real_digits_as_predict_does(server, seed1_checkpoint, t
     assert status == 200 and b"<canvas" in page and b"http" not in page.split(b"<script>")[1]  # nothing fetched
 
 
-@pytest.mark.slow
-def test_server_answers_bad_requests_with_the_right_status_and_keeps_serving(server, tmp_path):
+def test_server_answers_bad_requests_with_the_right_status_and_keeps_serving(stub_server, tmp_path):
+    server = stub_server  # the protocol: an untrained network answers as well as any
     blank = tmp_path / "blank.png"
     Image.new("L", (280, 280), 255).save(blank)
     png_claiming_size(tmp_path / "vast.png", 5000, 5000)  # 25 MP: under PIL's bomb limit, over the server's
@@ -98,8 +99,8 @@ def test_server_answers_bad_requests_with_the_right_status_and_keeps_serving(ser
     assert http_request(server, "GET", "/")[0] == 200  # still serving
 
 
-@pytest.mark.slow
-def test_server_answers_concurrent_requests_each_its_own(server, test_digits, tmp_path):
+def test_server_answers_concurrent_requests_each_its_own(stub_server, test_digits, tmp_path):
+    server = stub_server  # the protocol: an untrained network answers as well as any
     files = [p for p, _ in write_digit_variants(tmp_path, test_digits[0][:8], test_digits[1][:8]) if "paper" in p.name]
     alone = [http_request(server, "POST", "/predict", p.read_bytes())[1]["probabilities"] for p in files]
     with ThreadPoolExecutor(16) as pool:
@@ -126,7 +127,8 @@ def post_bytes(port, body, barrier=None):
 
 
 @pytest.mark.slow
-def test_a_burst_of_128_clients_is_answered_each_as_if_alone(server, test_digits, tmp_path):
+def test_a_burst_of_128_clients_is_answered_each_as_if_alone(stub_server, test_digits, tmp_path):
+    server = stub_server  # the protocol: an untrained network answers as well as any
     import threading
     files = [p.read_bytes() for p, _ in write_digit_variants(tmp_path, test_digits[0][:8], test_digits[1][:8])
              if "plain" in p.name]
@@ -145,7 +147,8 @@ def slow_client(port, head=b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length
     return s
 
 
-def test_slow_clients_are_cut_off_at_the_deadline_and_never_delay_others(server, monkeypatch):
+def test_slow_clients_are_cut_off_at_the_deadline_and_never_delay_others(stub_server, monkeypatch):
+    server = stub_server  # the protocol: an untrained network answers as well as any
     import time
     monkeypatch.setattr(serve, "REQUEST_DEADLINE_S", 1)
     port = server.server_address[1]
@@ -161,10 +164,27 @@ def test_slow_clients_are_cut_off_at_the_deadline_and_never_delay_others(server,
     assert all(a.startswith("HTTP/1.0 408 ") and '"error"' in a for a in answers)  # the last cut off in its headers
 
 
-def test_connections_over_the_bound_are_answered_503_at_once(tmp_path, seed1_checkpoint, monkeypatch):
+def test_an_image_uploaded_as_a_form_reads_as_the_same_image_sent_raw(stub_server, test_digits, tmp_path):
+    # curl -F image=@x.png (multipart/form-data), against curl --data-binary @x.png
+    server = stub_server
+    png = composed_numbers.png(test_digits[0][7].numpy())
+    boundary = "----tinycnn"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    raw = http_request(server, "POST", "/predict", png)
+    uploaded = http_request(server, "POST", "/predict", form,
+                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert raw[0] == uploaded[0] == 200 and raw[1] == uploaded[1]
+    empty = f"--{boundary}--\r\n".encode()
+    status, answer = http_request(server, "POST", "/predict", empty,
+                                  {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 400 and "one file" in answer["error"]
+
+
+def test_connections_over_the_bound_are_answered_503_at_once(tmp_path, untrained_folder, monkeypatch):
     from conftest import start_server, stop_server
     monkeypatch.setattr(serve, "MAX_CONNECTIONS", 3)
-    srv = start_server(seed1_checkpoint)
+    srv = start_server(untrained_folder / "model.pt")
     try:
         held = [slow_client(srv.server_address[1]) for _ in range(3)]
         import time
@@ -184,14 +204,16 @@ def test_connections_over_the_bound_are_answered_503_at_once(tmp_path, seed1_che
     (b"GET / HTTP/2.0\r\n\r\n", 505),                              # a version it does not speak
     (b"POST /predict HTTP/1.1\r\nContent-Length: \xc2\xb2\r\n\r\n", 400),  # "²": isdigit() yet no number
 ])
-def test_every_refusal_is_json_the_standard_librarys_too(server, head, status, capfd):
+def test_every_refusal_is_json_the_standard_librarys_too(stub_server, head, status, capfd):
+    server = stub_server  # the protocol: an untrained network answers as well as any
     import json
     line, body = raw_request(server, head)
     assert line.split()[1] == str(status) and "error" in json.loads(body)
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_clients_that_go_away_mid_request_leave_no_traceback(server, test_digits, tmp_path, capfd):
+def test_clients_that_go_away_mid_request_leave_no_traceback(stub_server, test_digits, tmp_path, capfd):
+    server = stub_server  # the protocol: an untrained network answers as well as any
     import struct
     body = [p for p, _ in write_digit_variants(tmp_path, test_digits[0][:1], test_digits[1][:1])][1].read_bytes()
     port = server.server_address[1]
@@ -209,10 +231,10 @@ def test_clients_that_go_away_mid_request_leave_no_traceback(server, test_digits
     assert capfd.readouterr().err == ""
 
 
-def test_stopping_the_server_ends_slow_connections_within_a_second(seed1_checkpoint):
+def test_stopping_the_server_ends_slow_connections_within_a_second(untrained_folder):
     import time
     from conftest import start_server, stop_server
-    srv = start_server(seed1_checkpoint)
+    srv = start_server(untrained_folder / "model.pt")
     slow = [slow_client(srv.server_address[1]) for _ in range(10)]
     time.sleep(0.2)
     start = time.monotonic()
@@ -222,14 +244,15 @@ def test_stopping_the_server_ends_slow_connections_within_a_second(seed1_checkpo
         s.close()
 
 
-def test_a_phone_photo_is_read_upright_from_its_exif_orientation(server, test_digits, tmp_path):
+def test_a_phone_photo_is_read_upright_from_its_exif_orientation(stub_server, test_digits, tmp_path):
+    server = stub_server  # the protocol: an untrained network answers as well as any
     upright = Image.fromarray(255 - test_digits[0][0].numpy()).resize((280, 280))  # a 7, dark on white
     exif = Image.Exif()
     exif[digit_image.EXIF_ORIENTATION] = 6  # what a phone held upright writes: "turn 90 degrees clockwise to show"
     upright.save(tmp_path / "upright.png")
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
-    expected = data_file.digit_from_image(tmp_path / "upright.png")
-    assert torch.equal(data_file.digit_from_image(tmp_path / "sideways.png"), expected)
+    expected = digit_tensor(tmp_path / "upright.png")
+    assert torch.equal(digit_tensor(tmp_path / "sideways.png"), expected)
     _, answer = http_request(server, "POST", "/predict", (tmp_path / "sideways.png").read_bytes())
     assert answer["digit"] == http_request(server, "POST", "/predict", (tmp_path / "upright.png").read_bytes())[1]["digit"]
 
@@ -239,7 +262,7 @@ def test_a_large_image_is_reduced_as_it_is_decoded_and_reads_the_same(test_digit
     digit.resize((4000, 4000), Image.BILINEAR).save(tmp_path / "large.png")
     digit.resize((1000, 1000), Image.BILINEAR).save(tmp_path / "small.png")
     assert digit_image.read_gray(tmp_path / "large.png").shape == (1000, 1000)  # reduced by 4 before anything else
-    large, small = (data_file.digit_from_image(tmp_path / f"{n}.png") for n in ("large", "small"))
+    large, small = (digit_tensor(tmp_path / f"{n}.png") for n in ("large", "small"))
     assert (large - small).abs().max() < 0.05 * data_file.STD ** -1  # within 5% of the ink scale, pixel by pixel
 
 
@@ -248,11 +271,11 @@ def test_a_large_image_is_reduced_as_it_is_decoded_and_reads_the_same(test_digit
 
 @pytest.mark.slow
 def test_server_reads_a_number_with_each_digits_box_and_refuses_more_than_12(server, test_digits):
-    numbers = [n for n in data_file.compose_numbers(test_digits[0].numpy(), test_digits[1].numpy(), 30, seed=5)
+    numbers = [n for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 30, seed=5)
                if n[2] >= 4 and len(n[1]) >= 4][:3]
     right = 0
     for page, written, _ in numbers:
-        status, answer = http_request(server, "POST", "/predict", data_file.number_png(page))
+        status, answer = http_request(server, "POST", "/predict", composed_numbers.png(page))
         assert status == 200 and answer["number"] == "".join(str(d["digit"]) for d in answer["digits"])
         right += answer["number"] == written
         assert "digit" not in answer or len(answer["digits"]) == 1  # the one-digit fields: for one digit only
@@ -261,7 +284,7 @@ def test_server_reads_a_number_with_each_digits_box_and_refuses_more_than_12(ser
             assert d["preview"].startswith("data:image/png;base64,")
     assert right >= 2  # net-1epoch, one epoch: digits of numbers apart are read as it reads single digits
     row = np.concatenate([np.pad(test_digits[0][i].numpy(), ((4, 4), (4, 4))) for i in range(13)], axis=1)
-    status, answer = http_request(server, "POST", "/predict", data_file.number_png(row))
+    status, answer = http_request(server, "POST", "/predict", composed_numbers.png(row))
     assert status == 400 and "13 digits found" in answer["error"]
 
 
@@ -288,10 +311,10 @@ def test_serve_onnx_runs_without_torch_and_answers_as_the_torch_path(seed2_onnx,
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         assert "onnxruntime, predicting with TTA" in lines[0] and lines[1].startswith("open http://127.0.0.1:"), lines
         port = int(lines[1].split(":")[2].split("/")[0])
-        torch_path = serve.Predictor(model_train.checkpoint_probabilities(seed2_run[1], {"config": {"tta": True}}))
-        numbers = [n[0] for n in data_file.compose_numbers(test_digits[0].numpy(), test_digits[1].numpy(), 4, seed=7)]
-        bodies = [data_file.number_png(255 - test_digits[0][i].numpy()) for i in range(12)] + \
-            [data_file.number_png(page) for page in numbers]
+        torch_path = serve.Predictor(reader.digit_reader(seed2_run[1], {"config": {"tta": True}}))
+        numbers = [n[0] for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 4, seed=7)]
+        bodies = [composed_numbers.png(255 - test_digits[0][i].numpy()) for i in range(12)] + \
+            [composed_numbers.png(page) for page in numbers]
         for body in bodies:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             connection.request("POST", "/predict", body)
@@ -345,7 +368,7 @@ def test_page_reads_50_real_test_digits_drawn_with_mouse_and_touch(page, test_di
 
 @pytest.mark.browser
 def test_page_reads_20_numbers_written_with_test_digits(page, test_digits, tmp_path):
-    numbers = [n for n in data_file.compose_numbers(test_digits[0].numpy(), test_digits[1].numpy(), 200, seed=6)
+    numbers = [n for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 200, seed=6)
                if len(n[1]) <= 4 and n[2] >= 2][:20]
     right = 0
     for k, (image, written, _) in enumerate(numbers):
@@ -534,7 +557,7 @@ def test_static_site_prepares_and_reads_as_python_does(browser, static_site, see
                                          judge=lambda d: runner.probabilities(d).max(1)).digits
         assert ours.shape == python.shape
         worst = max(worst, float(np.abs(ours - python).max()) * digit_image.STD)  # in pixels of 0..1
-        _, probs = model_train.read_number(model, False, io.BytesIO(png))  # predict's own path, torch
+        _, probs = reader.read_number(model, False, io.BytesIO(png))  # predict's own path, torch
         assert number == "".join(str(d) for d in probs.argmax(1))
         right += number == str(labels[i].item())
     print(f"static site: {right}/50 drawn digits read right; its 28x28 inputs within {worst * 255:.3f}/255 of "

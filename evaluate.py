@@ -1,0 +1,109 @@
+"""`python main.py evaluate`: a trained network scored again, as its run scored it, and on what it was not
+trained for (other writers' digits, numbers written in a row), with what the run recorded beside it.
+
+Rescoring uses the run's own kernels, memory layout and batches, so the figures equal the recorded ones on
+the machine that trained it; other writers and numbers go through predict's path (reader.py).
+"""
+import dataclasses
+
+import data_file
+import model_train
+import reader
+import recipes
+import run_folder
+from errors import UserError
+from model import count_parameters
+
+
+class NoValidationSplit(UserError):
+    """A run that held out no validation split was asked to score one."""
+
+
+def rescore(model, config, split="test", log=print):
+    """Score a trained network again, as its run scored it: the test set or the validation split the run held
+    out (rebuilt from config.seed and config.val_size), with the kernels and memory layout training used,
+    single-view and, when config.tta, with TTA. Returns score()'s figures without a prefix ("acc", "loss",
+    "acc_tta", ...), the confusion matrix of the prediction the run is scored on, and "images"."""
+    if split == "val" and not config.val_size:
+        raise NoValidationSplit("this run held out no validation split (its val_size is 0); score --split test")
+    device = model_train.pick_device(config.device)
+    data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed, device=device,
+                                log=log)
+    images, labels = data[split]
+    with model_train.cpu_kernels(config, device):
+        model = model_train.place(model, config, device)
+        return {**model_train.score(model, images, labels, model_train.EVAL_BATCH, config.tta, "", details=True),
+                "images": len(labels)}
+
+
+def per_class_accuracy(confusion):
+    """Accuracy in % of each true digit (a row of the confusion matrix): [10 floats]."""
+    return [100 * row[d] / sum(row) if sum(row) else float("nan") for d, row in enumerate(confusion)]
+
+
+def evaluation_lines(model, config, split, recorded, log=print):
+    """What `python main.py evaluate` prints of rescore: accuracy and loss (single-view, and with TTA when
+    the run used it), per-class accuracy and, for the test set, what the run recorded in `recorded` (metrics)."""
+    result = rescore(model, config, split, log=log)
+    name = {"test": "test set", "val": "validation split"}[split]
+    views = ["", "_tta"] if config.tta else [""]
+    lines = [f"{name}, {result['images']:,} images: " + ", ".join(
+        f"accuracy {result['acc' + v]:.2f}% loss {result['loss' + v]:.4f} {'with TTA' if v else 'single-view'}"
+        for v in views)]
+    per_class = per_class_accuracy(result["confusion"])
+    lines.append(f"per-class accuracy{' with TTA' if config.tta else ''}: " +
+                 "  ".join(f"{d} {a:.2f}%" for d, a in enumerate(per_class)))
+    if split == "test" and "test_acc" in recorded:
+        lines.append("the run recorded: " + ", ".join(f"{recorded['test_acc' + v]:.2f}% "
+                                                      f"{'with TTA' if v else 'single-view'}"
+                                                      for v in views if "test_acc" + v in recorded))
+    return lines
+
+
+def uci_lines(checkpoint_path, model, tta, data_dir, progress=True):
+    """Score the UCI digits (the 13 writers' report half; the 30 unseen writers when their file can be had),
+    record both beside the checkpoint, and yield what `evaluate --uci-digits` prints."""
+    accuracy = reader.score_uci_digits(model, tta, progress=progress)
+    try:
+        unseen = reader.score_uci_digits(model, tta, "unseen", data_dir=data_dir, progress=progress)
+    except data_file.DataError as e:  # the 13 writers are still scored and recorded
+        unseen = None
+        yield f"UCI digits, 30 writers unseen: not scored: {e}"
+    where = run_folder.record_uci(checkpoint_path, accuracy, unseen)
+    for name, figures in (("13 writers, chosen on (the report half)", accuracy), ("30 writers, unseen", unseen)):
+        if figures:
+            yield (f"UCI digits, {name}{' with TTA' if tta else ''}: " +
+                   ", ".join(f"{form} {acc:.2f}%" for form, acc in figures.items()) +
+                   f" | mean {sum(figures.values()) / len(figures):.2f}% ({where})")
+
+
+def spaced(result):
+    """The % of score_numbers' numbers read exactly among those whose digits are 2 px apart or more."""
+    rows = [(n, acc) for gap, (n, acc) in result["by_gap"].items() if gap >= 2]
+    return sum(n * acc for n, acc in rows) / max(sum(n for n, _ in rows), 1)
+
+
+def number_lines(result):
+    """What `python main.py evaluate --numbers` prints of reader.score_numbers."""
+    table = lambda rows: ", ".join(f"{k}: {acc:.1f}% ({n})" for k, (n, acc) in rows.items())
+    return [f"numbers written with test digits, {result['numbers']:,}: {result['exact']:.2f}% read exactly, "
+            f"digits {result['digits']:.2f}% right, as many digits as written {result['found']:.2f}%",
+            f"  by length (numbers): {table(result['by_length'])}",
+            f"  by gap in px (numbers): {table(result['by_gap'])}; 2 px or more: {spaced(result):.2f}%"]
+
+
+def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, uci_digits=False,
+                      numbers=0, log=print, progress=True):
+    """Yield what `python main.py evaluate` prints for the checkpoint at `path`: what it is, its figures on
+    `split` as its run scored them (evaluation_lines), then the UCI digits and `numbers` numbers when asked.
+    `data_dir` None: where the run found MNIST."""
+    config = recipes.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
+    config = dataclasses.replace(config, device=device, data_dir=data_dir or config.data_dir)
+    yield (f"{path}: {checkpoint['model_name']} ({count_parameters(model):,} parameters), recipe "
+           f"{config.recipe}, seed {config.seed}{', a dry run' if config.dry_run else ''}")
+    yield from evaluation_lines(model, config, split, checkpoint.get("metrics") or {}, log=log)
+    tta = reader.checkpoint_tta(checkpoint)
+    if uci_digits:
+        yield from uci_lines(path, model, tta, config.data_dir, progress)
+    if numbers:
+        yield from number_lines(reader.score_numbers(model, tta, config.data_dir, numbers, progress=progress))

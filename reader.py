@@ -1,0 +1,123 @@
+"""Reading digits and numbers from image files with a trained network: what `predict`, the server and
+`evaluate --uci-digits / --numbers` answer, all through one path.
+
+An image is cut into digits and each prepared as MNIST's were by digit_image.py (numpy and Pillow, shared with
+the torch-free server); here the network reads them, one batch per image, with test-time augmentation when the
+checkpoint's run was scored with it. The figures scored here (other writers' digits, composed numbers) are what
+`python main.py predict` says of the same files.
+"""
+import copy
+import io
+import json
+
+import torch
+from tqdm import tqdm
+
+import composed_numbers
+import data_file
+import digit_image
+import uci_digits
+import model_train
+
+
+def checkpoint_tta(checkpoint):
+    """Whether a checkpoint's run scored with test-time augmentation, so predictions should use it too."""
+    config = checkpoint.get("config")
+    return bool(config.get("tta")) if isinstance(config, dict) else False
+
+
+def as_predict_runs(model):
+    """A copy of `model` as `predict` runs it: on the CPU, in the layout a loaded checkpoint has, in eval mode
+    (the caller's model, wherever it is, is left as it was)."""
+    return copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
+
+
+def probabilities(model, digits, tta=False):
+    """The probabilities (N, 10), numpy, of digits prepared by digit_image (numpy (N, 28, 28)), the model on the
+    CPU in eval mode; with tta, averaged over each digit and its four one-pixel shifts."""
+    return model_train.log_probabilities(model, torch.from_numpy(digits)[:, None], tta).exp().numpy()
+
+
+def digit_reader(model, checkpoint):
+    """probabilities of a loaded checkpoint's network as a function of the digits, with TTA when its run was
+    scored with it: what a serve.Predictor answers with."""
+    tta = checkpoint_tta(checkpoint)
+    return lambda digits: probabilities(model, digits, tta)
+
+
+def read_number(model, tta, path, name=None, max_pixels=None):
+    """The digits written in a row in an image file (digit_image.read_digits, the network judging where touching
+    digits part) and their probabilities: (Reading, numpy (N, 10)), what `predict` and the server answer."""
+    judge = lambda digits: probabilities(model, digits, tta).max(1)
+    reading = digit_image.read_digits(path, name, max_pixels, judge=judge)
+    return reading, probabilities(model, reading.digits, tta)
+
+
+def predict_lines(model, tta, paths, as_json=False):
+    """What `python main.py predict` prints of each image file, as (line, kind): kind None for its answer (a line
+    of digit_image.describe, or with `as_json` one JSON object), "note" for what the reading noticed, "error" for a
+    file that cannot be read; the other files are still read."""
+    for path in paths:
+        try:
+            reading, probs = read_number(model, tta, path)
+        except digit_image.ImageError as e:
+            yield f"error: {e}", "error"
+            continue
+        if as_json:
+            answer = digit_image.answer(reading, probs, previews=False)
+            keep = {k: answer[k] for k in ("number", "digits", "note") if k in answer}
+            yield json.dumps({"file": path, **keep}), None
+            continue
+        yield f"{path}: {digit_image.describe(probs)}", None
+        if reading.note:
+            yield f"{path}: {reading.note}", "note"
+
+
+def score_uci_digits(model, tta, half="report", count=None, data_dir="./data", progress=False):
+    """Accuracy in % on the UCI digits in each of uci_digits.FORMS, through predict's own path: each digit's PNG
+    file, digit_image.read_digit, then probabilities one image at a time (TTA when the run used it), so each
+    figure is what `python main.py predict` says of those files. Returns {form: accuracy}.
+    half: "choose" or "report" (scikit-learn's 13 writers), or "unseen" (the 30 other writers, fetched into
+    data_dir). count: only the first `count` digits (for tests). progress: a bar on stderr."""
+    images, labels = uci_digits.unseen(data_dir) if half == "unseen" else uci_digits.known(half)
+    images, labels = images[:count], labels[:count]
+    result = {}
+    model = as_predict_runs(model)
+    bar = tqdm(total=len(labels) * len(uci_digits.FORMS), desc=f"UCI digits ({half})", disable=not progress,
+               leave=False, mininterval=0.5, dynamic_ncols=True)
+    for form in uci_digits.FORMS:
+        right = 0
+        for image, label in zip(images, labels.tolist()):
+            png = io.BytesIO(uci_digits.png(image, form))
+            digit = digit_image.read_digit(png, name=f"a UCI digit ({form})")
+            right += int(probabilities(model, digit[None], tta)[0].argmax()) == label
+            bar.update()
+        result[form] = 100 * right / len(labels)
+    bar.close()
+    return result
+
+
+def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test", progress=False):
+    """Numbers written with MNIST's `split` digits (composed_numbers.compose: 2-6 digits, 0-8 px apart), read
+    through predict's path (each one's PNG file, read_number). Returns {"numbers", "exact" (% read exactly),
+    "digits" (% of digits read right, in numbers whose digits were all found), "found" (% with as many digits as
+    written), "by_length" / "by_gap": {n: [numbers, % exact]}}."""
+    images, labels = data_file.read_split(data_dir, split)
+    numbers = composed_numbers.compose(images.numpy(), labels.numpy(), count, seed)
+    by_length, by_gap, digits_right, digits_seen, found = {}, {}, 0, 0, 0
+    model = as_predict_runs(model)
+    for page, written, gap in tqdm(numbers, desc="numbers", disable=not progress, leave=False, mininterval=0.5,
+                                   dynamic_ncols=True):
+        _, probs = read_number(model, tta, io.BytesIO(composed_numbers.png(page)), name="a composed number")
+        read = "".join(str(d) for d in probs.argmax(1))
+        for table, key in ((by_length, len(written)), (by_gap, gap)):
+            table.setdefault(key, []).append(read == written)
+        if len(read) == len(written):
+            found += 1
+            digits_seen += len(written)
+            digits_right += sum(a == b for a, b in zip(read, written))
+    exact = [read_right for rows in by_length.values() for read_right in rows]
+    table = lambda rows: {k: [len(v), 100 * sum(v) / len(v)] for k, v in sorted(rows.items())}
+    return {"numbers": len(numbers), "exact": 100 * sum(exact) / len(exact),
+            "digits": 100 * digits_right / max(digits_seen, 1), "found": 100 * found / len(numbers),
+            "by_length": table(by_length), "by_gap": table(by_gap)}
