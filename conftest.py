@@ -179,8 +179,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def only_slow_tests_train(request, monkeypatch):
-    """`pytest -m "not slow"` trains nothing: a test not marked slow that trains in this process fails."""
-    if request.node.get_closest_marker("slow") is None:
+    """`pytest -m "not slow"` trains nothing: a test not marked slow that trains in this process fails. (The browser
+    tests, run only by `pytest -m browser`, draw on a trained network.)"""
+    if request.node.get_closest_marker("slow") is None and request.node.get_closest_marker("browser") is None:
         trained = sorted(set(request.fixturenames) & TRAINED_FIXTURES)
         assert not trained, f"this test uses a trained network ({', '.join(trained)}): mark it @pytest.mark.slow"
 

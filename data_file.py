@@ -181,7 +181,7 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 def read_split(data_dir, split):
     """The verified raw files of one split ("train" or "test") as they are: uint8 images (N, 28, 28) and labels
     (N,). The IDX format is a big-endian header (16 bytes for images, 8 for labels) and then the bytes; read here
-    with numpy, as torchvision's MNIST reads it, without torchvision's 1.5 s import. Call ensure_mnist first."""
+    with numpy, as torchvision's MNIST reads it, without importing torchvision. Call ensure_mnist first."""
     images_file, labels_file = (os.path.join(raw_dir(data_dir), name) for name in IDX_FILES[split])
     images = np.fromfile(images_file, dtype=np.uint8, offset=16).reshape(-1, 28, 28)
     labels = np.fromfile(labels_file, dtype=np.uint8, offset=8).astype(np.int64)

@@ -8,8 +8,7 @@ into digits (find_digits): connected pieces of ink; specks dropped; pieces one a
 flag), and a short piece beside its neighbour joined when the network (the judge) is surer of them as one digit
 (an open 4, a broken stroke); a piece too wide for one digit cut where its ink is thinnest and the network is
 surest of both parts. Each digit is then prepared as MNIST's were (centred): cropped to its ink, its longer side
-scaled to 20 px, placed by its centre of mass in 28x28, normalised. Numbers of 2-6 test digits read 95.2%
-exactly, 97.9% with 2 px or more between digits (docs/experiments.md).
+scaled to 20 px, placed by its centre of mass in 28x28, normalised. How well numbers read: `evaluate --numbers`.
 """
 import base64
 import io
@@ -26,18 +25,18 @@ MAX_SIDE = 1024  # an image larger than this on its longer side is reduced while
 EXIF_ORIENTATION = 0x0112  # the tag a phone writes instead of turning the pixels
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # test-time augmentation's views of a digit: (dx, dy)
 MAX_DIGITS = 12  # a number longer than this is refused, not guessed at
-ONE = 1.1  # ink no wider than this many times its height may be one digit in pieces: the network decides
+ONE_DIGIT_WIDTH = 1.1  # ink no wider than this many times its height may be one digit in pieces: the network decides
 INK = 0.2  # a pixel is ink above this share of the darkest stroke: faint noise and anti-aliasing are not
 SPECK = 0.03  # a piece with less ink than this share of the largest piece's is a speck, dropped
-PART = 0.6  # a piece shorter than this share of the tallest piece may be part of its neighbour ...
-REACH = 0.3  # ... when it is this close to it (a share of the tallest piece's height): the judge decides
-SMALL = 0.45  # with no judge, a piece shorter than this share of the tallest piece is part of its neighbour
-NEAR = 0.08  # ... when it is this close to it (a share of the tallest piece's height)
-SPLIT = 0.9  # a piece wider than this share of the tallest piece's height may be digits that touch ...
-FORCE = 1.25  # ... and one wider than this is: the judge decides where they part
-ALONE = 2.0  # the same for the only piece in an image (a wide digit alone has no line to be measured by)
-CUTS = 3  # the thinnest columns tried as a cut between touching digits
-WIDE = 1.6  # with no judge, a piece wider than this share of the tallest piece is cut at its thinnest column
+PART_HEIGHT = 0.6  # a piece shorter than this share of the tallest piece may be part of its neighbour ...
+PART_GAP = 0.3  # ... when it is this close to it (a share of the tallest piece's height): the judge decides
+PART_HEIGHT_UNJUDGED = 0.45  # with no judge, a piece shorter than this share of the tallest is part of its neighbour
+PART_GAP_UNJUDGED = 0.08  # ... when it is this close to it (a share of the tallest piece's height)
+TOUCHING_WIDTH = 0.9  # a piece wider than this share of the tallest piece's height may be digits that touch ...
+SPLIT_WIDTH = 1.25  # ... and one wider than this is: the judge decides where they part
+SPLIT_WIDTH_ALONE = 2.0  # the same for the only piece in an image (a wide digit alone has no line to be measured by)
+CUTS_TRIED = 3  # the thinnest columns tried as a cut between touching digits
+SPLIT_WIDTH_UNJUDGED = 1.6  # with no judge, a piece wider than this share of the tallest is cut at its thinnest column
 
 
 class ImageError(UserError):
@@ -179,6 +178,32 @@ def lines_of(mask):
     return [tuple(b) for b in merged]
 
 
+@dataclass(frozen=True)
+class Group:
+    """Pieces of ink taken as one digit so far: their bounding box (x1, y1 past the end) and their labels."""
+    x0: int
+    x1: int
+    y0: int
+    y1: int
+    pieces: frozenset
+
+    @property
+    def width(self):
+        return self.x1 - self.x0
+
+    @property
+    def height(self):
+        return self.y1 - self.y0
+
+    def overlap(self, other):
+        """How many columns the two share; negative: the gap between them."""
+        return min(self.x1, other.x1) - max(self.x0, other.x0)
+
+    def joined(self, other):
+        return Group(min(self.x0, other.x0), max(self.x1, other.x1), min(self.y0, other.y0), max(self.y1, other.y1),
+                     self.pieces | other.pieces)
+
+
 def find_digits(ink, judge=None):
     """The digits in one line of ink, left to right: ([boolean mask (H, W) of each digit], note). judge, given
     prepared digits (N, 28, 28), says how sure the network is of each (N,): it decides whether neighbouring
@@ -195,10 +220,10 @@ def find_digits(ink, judge=None):
         mask &= keep
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
     masses = ndimage.sum_labels(ink, labels, range(1, count + 1))
-    # (x0, x1, y0, y1, its pieces' labels) of each piece that is not a speck, left to right
-    groups = [(s[1].start, s[1].stop, s[0].start, s[0].stop, frozenset([i + 1]))
+    # Each piece that is not a speck, left to right; pieces are then joined into groups of the same kind.
+    groups = [Group(s[1].start, s[1].stop, s[0].start, s[0].stop, frozenset([i + 1]))
               for i, s in enumerate(ndimage.find_objects(labels)) if masses[i] >= SPECK * masses.max()]
-    groups.sort(key=lambda g: (g[0] + g[1]) / 2)
+    groups.sort(key=lambda g: (g.x0 + g.x1) / 2)
     cache = {}
 
     def sure(sets):  # the judge's confidence in each set of pieces read as one digit, each asked once
@@ -207,37 +232,32 @@ def find_digits(ink, judge=None):
             cache.update(zip(new, judge(np.stack([centred(own_ink(ink, np.isin(labels, list(s)))) for s in new]))))
         return [cache[s] for s in sets]
 
-    def joined(a, b):
-        return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]), a[4] | b[4])
-
-    def overlap(a, b):  # negative: the gap between them
-        return min(a[1], b[1]) - max(a[0], b[0])
-
     i = 0
     while i < len(groups) - 1:  # pieces one above the other are one digit (a 5's flag, a broken 1)
         a, b = groups[i], groups[i + 1]
-        if overlap(a, b) >= 0.5 * min(a[1] - a[0], b[1] - b[0]):
-            groups[i:i + 2], i = [joined(a, b)], 0
+        if a.overlap(b) >= 0.5 * min(a.width, b.width):
+            groups[i:i + 2], i = [a.joined(b)], 0
         else:
             i += 1
-    tallest = max(g[3] - g[2] for g in groups)
+    tallest = max(g.height for g in groups)
+    part_height, part_gap = (PART_HEIGHT_UNJUDGED, PART_GAP_UNJUDGED) if judge is None else (PART_HEIGHT, PART_GAP)
     while len(groups) > 1:  # then neighbours close enough to be one digit, the likeliest pair first
-        short = [g[3] - g[2] < (SMALL if judge is None else PART) * tallest for g in groups]
-        pairs = [i for i in range(len(groups) - 1) if (short[i] or short[i + 1]) and
-                 -overlap(groups[i], groups[i + 1]) <= (NEAR if judge is None else REACH) * tallest and
-                 joined(groups[i], groups[i + 1])[1] - joined(groups[i], groups[i + 1])[0] <= 1.2 * tallest]
+        short = [g.height < part_height * tallest for g in groups]
+        pairs = [i for i, (a, b) in enumerate(zip(groups, groups[1:])) if (short[i] or short[i + 1]) and
+                 -a.overlap(b) <= part_gap * tallest and a.joined(b).width <= 1.2 * tallest]
         if judge is None:
             gains = [1.0] * len(pairs)
         else:
-            c = sure([s for i in pairs for s in (groups[i][4], groups[i + 1][4], groups[i][4] | groups[i + 1][4])])
+            c = sure([s for i in pairs for s in (groups[i].pieces, groups[i + 1].pieces,
+                                                  groups[i].pieces | groups[i + 1].pieces)])
             gains = [c[3 * k + 2] - c[3 * k] * c[3 * k + 1] for k in range(len(pairs))]
         if not pairs or max(gains) <= 0:
             break
         i = pairs[int(np.argmax(gains))]
-        groups[i:i + 2] = [joined(groups[i], groups[i + 1])]
-    masks, force = [], FORCE if len(groups) > 1 else ALONE
+        groups[i:i + 2] = [groups[i].joined(groups[i + 1])]
+    masks, force = [], SPLIT_WIDTH if len(groups) > 1 else SPLIT_WIDTH_ALONE
     for group in groups:
-        masks.extend(split_wide(np.isin(labels, list(group[4])), ink, judge, tallest, force))
+        masks.extend(split_wide(np.isin(labels, list(group.pieces)), ink, judge, tallest, force))
     return masks, note
 
 
@@ -247,14 +267,14 @@ def own_ink(ink, mask):
 
 
 def split_wide(piece, ink, judge, tallest, force=None):
-    """A piece of ink as the digits it holds. A piece wider than SPLIT x the line's tallest piece may be digits
-    that touch: it is cut at each of its CUTS thinnest columns in turn, and kept whole unless the judge is surer
-    of both parts (the product of their confidences) than of the whole; wider than `force` x (FORCE, or ALONE
-    for the only piece in the image), it is never kept whole. Each part is then looked at again."""
-    force = FORCE if force is None else force
+    """A piece of ink as the digits it holds. A piece wider than TOUCHING_WIDTH x the line's tallest piece may be
+    digits that touch: it is cut at each of its CUTS_TRIED thinnest columns in turn, and kept whole unless the judge
+    is surer of both parts (the product of their confidences) than of the whole; wider than `force` x (SPLIT_WIDTH,
+    or SPLIT_WIDTH_ALONE for the only piece in the image), it is never kept whole. Each part is looked at again."""
+    force = SPLIT_WIDTH if force is None else force
     ys, xs = np.nonzero(piece)
     x0, x1 = xs.min(), xs.max() + 1
-    if x1 - x0 <= SPLIT * tallest or x1 - x0 < 6:
+    if x1 - x0 <= TOUCHING_WIDTH * tallest or x1 - x0 < 6:
         return [piece]
     columns = (ink * piece).sum(0)
     inside = range(x0 + round(0.15 * (x1 - x0)), x0 + round(0.85 * (x1 - x0)))
@@ -263,7 +283,7 @@ def split_wide(piece, ink, judge, tallest, force=None):
     for x in sorted(inside, key=lambda x: (columns[x], abs(x + 0.5 - centre))):
         if all(abs(x - c) >= 2 for c in cuts):
             cuts.append(x)
-        if len(cuts) == (CUTS if judge else 1):
+        if len(cuts) == (CUTS_TRIED if judge else 1):
             break
     options = []
     for cut in cuts:
@@ -274,7 +294,7 @@ def split_wide(piece, ink, judge, tallest, force=None):
     if not options:
         return [piece]
     if judge is None:
-        if x1 - x0 <= WIDE * tallest:
+        if x1 - x0 <= SPLIT_WIDTH_UNJUDGED * tallest:
             return [piece]
         left, right = options[0]
     else:
@@ -296,7 +316,7 @@ def read_digits(path, name=None, max_pixels=None, max_digits=MAX_DIGITS, judge=N
     masks, note = find_digits(ink, judge)
     digits = [centred(own_ink(ink, m)) for m in masks]
     ys, xs = np.nonzero(ink > INK)
-    if len(masks) > 1 and not note and judge is not None and np.ptp(xs) + 1 <= ONE * (np.ptp(ys) + 1):
+    if len(masks) > 1 and not note and judge is not None and np.ptp(xs) + 1 <= ONE_DIGIT_WIDTH * (np.ptp(ys) + 1):
         # no wider than one digit can be: one digit (a broken 5, a wide 4), unless the network is surer of the parts
         sure = judge(np.stack([centred(ink), *digits]))
         if sure[0] >= np.prod(sure[1:]):

@@ -4,7 +4,7 @@
 // Each step below is the Python function of the same name; the page's 28x28 inputs equal Python's to 1/255.
 "use strict";
 (() => {
-const S = window.DIGIT_IMAGE;  // MEAN, STD, INK, SPECK, PART, REACH, SPLIT, FORCE, ALONE, CUTS, ONE, MAX_DIGITS, ...
+const S = window.DIGIT_IMAGE;  // MEAN, STD, INK, SPECK, PART_HEIGHT, PART_GAP, TOUCHING_WIDTH, SPLIT_WIDTH, ...
 
 function roundHalfEven(x) {  // Python's round()
   const r = Math.round(x);
@@ -187,11 +187,11 @@ async function findDigits(ink, w, h, judge) {
   }
   const tallest = Math.max(...groups.map(g => g[3] - g[2]));
   while (groups.length > 1) {
-    const short = groups.map(g => g[3] - g[2] < S.PART * tallest);
+    const short = groups.map(g => g[3] - g[2] < S.PART_HEIGHT * tallest);
     const pairs = [];
     for (let i = 0; i < groups.length - 1; i++) {
       const j = joined(groups[i], groups[i + 1]);
-      if ((short[i] || short[i + 1]) && -overlap(groups[i], groups[i + 1]) <= S.REACH * tallest && j[1] - j[0] <= 1.2 * tallest) pairs.push(i);
+      if ((short[i] || short[i + 1]) && -overlap(groups[i], groups[i + 1]) <= S.PART_GAP * tallest && j[1] - j[0] <= 1.2 * tallest) pairs.push(i);
     }
     if (!pairs.length) break;
     const c = await sure(pairs.flatMap(i => [groups[i][4], groups[i + 1][4], [...groups[i][4], ...groups[i + 1][4]]]));
@@ -200,7 +200,7 @@ async function findDigits(ink, w, h, judge) {
     if (gains[best] <= 0) break;
     groups.splice(pairs[best], 2, joined(groups[pairs[best]], groups[pairs[best] + 1]));
   }
-  const force = groups.length > 1 ? S.FORCE : S.ALONE, masks = [];
+  const force = groups.length > 1 ? S.SPLIT_WIDTH : S.SPLIT_WIDTH_ALONE, masks = [];
   for (const g of groups) masks.push(...await splitWide(maskOf(g[4]), ink, w, h, judge, tallest, force));
   return {masks, note};
 }
@@ -208,7 +208,7 @@ async function findDigits(ink, w, h, judge) {
 async function splitWide(piece, ink, w, h, judge, tallest, force) {
   let x0 = w, x1 = 0;
   for (let i = 0; i < piece.length; i++) if (piece[i]) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w + 1); }
-  if (x1 - x0 <= S.SPLIT * tallest || x1 - x0 < 6) return [piece];
+  if (x1 - x0 <= S.TOUCHING_WIDTH * tallest || x1 - x0 < 6) return [piece];
   const columns = new Float64Array(w);
   for (let i = 0; i < piece.length; i++) if (piece[i]) columns[i % w] += ink[i];
   const inside = [];
@@ -216,7 +216,7 @@ async function splitWide(piece, ink, w, h, judge, tallest, force) {
   const centre = (x0 + x1) / 2;
   inside.sort((a, b) => columns[a] - columns[b] || Math.abs(a + 0.5 - centre) - Math.abs(b + 0.5 - centre));
   const cuts = [];
-  for (const x of inside) { if (cuts.every(c => Math.abs(x - c) >= 2)) cuts.push(x); if (cuts.length === S.CUTS) break; }
+  for (const x of inside) { if (cuts.every(c => Math.abs(x - c) >= 2)) cuts.push(x); if (cuts.length === S.CUTS_TRIED) break; }
   const options = [];
   for (const cut of cuts) {
     const left = piece.slice(), right = piece.slice();
@@ -230,7 +230,7 @@ async function splitWide(piece, ink, w, h, judge, tallest, force) {
   const best = products.indexOf(Math.max(...products));
   if (products[best] <= sure[0] && x1 - x0 <= force * tallest) return [piece];
   const [left, right] = options[best];
-  return [...await splitWide(left, ink, w, h, judge, tallest, S.FORCE), ...await splitWide(right, ink, w, h, judge, tallest, S.FORCE)];
+  return [...await splitWide(left, ink, w, h, judge, tallest, S.SPLIT_WIDTH), ...await splitWide(right, ink, w, h, judge, tallest, S.SPLIT_WIDTH)];
 }
 
 ort.env.wasm.wasmPaths = "./";  // onnxruntime-web's .wasm beside the page: nothing is fetched from elsewhere
@@ -275,7 +275,7 @@ window.readLocally = async canvas => {
   const whole = new Uint8Array(ink.length).map((_, i) => ink[i] > S.INK ? 1 : 0);
   let x0 = w, x1 = 0, y0 = h, y1 = 0;
   whole.forEach((v, i) => { if (v) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w); y0 = Math.min(y0, Math.floor(i / w)); y1 = Math.max(y1, Math.floor(i / w)); } });
-  if (masks.length > 1 && !note && x1 - x0 + 1 <= S.ONE * (y1 - y0 + 1)) {
+  if (masks.length > 1 && !note && x1 - x0 + 1 <= S.ONE_DIGIT_WIDTH * (y1 - y0 + 1)) {
     const sure = await judge([centred(ink, w, h), ...digits]);
     if (sure[0] >= sure.slice(1).reduce((a, b) => a * b, 1)) masks = [whole];
   }

@@ -30,7 +30,7 @@ def rescore(model, config, split="test", log=print):
     data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed, device=device,
                                 log=log)
     images, labels = data[split]
-    with model_train.cpu_kernels(config, device):
+    with model_train.kernels(config, device):
         model = model_train.place(model, config, device)
         return {**model_train.score(model, images, labels, model_train.EVAL_BATCH, config.tta, "", details=True),
                 "images": len(labels)}

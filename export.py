@@ -217,8 +217,8 @@ def scores(path, logs, probs, labels, **extra):
 def web_settings(config):
     """settings.js: digit_image's constants and the run's TTA, for digits.js (declared once, in Python)."""
     import digit_image
-    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "PART", "REACH", "SPLIT", "FORCE", "ALONE",
-             "CUTS", "ONE", "TTA_SHIFTS")
+    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "PART_HEIGHT", "PART_GAP", "TOUCHING_WIDTH",
+             "SPLIT_WIDTH", "SPLIT_WIDTH_ALONE", "CUTS_TRIED", "ONE_DIGIT_WIDTH", "TTA_SHIFTS")
     settings = {name: getattr(digit_image, name) for name in names}
     settings["TTA"] = bool(config.get("tta"))
     return f"window.DIGIT_IMAGE = {json.dumps(settings)};\n"

@@ -130,7 +130,10 @@ def predict(argv):
     p.add_argument("--json", action="store_true",
                    help="one JSON object per image: file, number, digits with probabilities and boxes")
     args = p.parse_args(argv)
-    _, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint, args.model)
+    path, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint, args.model)
+    if path == run_folder.SHIPPED:
+        shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+        print(f"reading with the shipped reader {shown} (no run under {RUNS}/)", file=sys.stderr)
     tta = reader.checkpoint_tta(checkpoint)
     failed = 0
     for line, kind in reader.predict_lines(model, tta, args.images, args.json):

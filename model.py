@@ -101,8 +101,8 @@ class ResidualBlock(nn.Module):
 
 def center_crop(x, size):
     """The central size x size pixels of (B, C, H, W), as torchvision's center_crop cuts them (the top-left
-    corner at round((H - size) / 2)): a view, so that no command pays for importing torchvision
-    (3.5 s on 2 cores) before it needs it."""
+    corner at round((H - size) / 2)): a view, so that no command pays for importing torchvision (seconds on
+    2 cores) before it needs it."""
     top, left = round((x.shape[-2] - size) / 2), round((x.shape[-1] - size) / 2)
     return x[..., top:top + size, left:left + size]
 

@@ -9,6 +9,7 @@ where the uninterrupted run would have. The settings are recipes.py's; the augme
 """
 import contextlib
 import math
+import os
 import time
 
 import torch
@@ -60,22 +61,53 @@ def small_ops(config):
     return not config.exact and config.model == "net" and config.batch_size < SMALL_BATCH
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace that makes its matmuls repeatable (CUDA's reproducibility notes)
+
+
+def cuda_settings(config):
+    """What a run on CUDA sets so that the same seed gives the same numbers: deterministic algorithms (warning,
+    not failing, where torch has none), cuDNN's deterministic kernels without autotuning, the cuBLAS workspace,
+    and TensorFloat-32 off unless config.tf32 asks for it (TF32 rounds matmuls and convolutions to 10 bits)."""
+    return {"deterministic_algorithms": True, "cudnn_deterministic": True, "cudnn_benchmark": False,
+            "tf32": config.tf32, "CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE}
+
+
 @contextlib.contextmanager
-def cpu_kernels(config, device):
-    """For the block, the CPU kernels `config` trains fastest with: for small ops (small_ops) plain convolutions on
-    one thread, else oneDNN on the threads the process has; put back as they were after, so nothing a run sets
-    outlives it. Entered by train and by whoever scores a network as its training did."""
-    saved = torch.backends.mkldnn.enabled, torch.get_num_threads()
+def kernels(config, device):
+    """For the block, the kernels `config` runs with on `device`; everything is put back as it was after, so
+    nothing a run sets outlives it. Entered by train and by whoever scores a network as its training did.
+
+    On the CPU, for small ops (small_ops) plain convolutions on one thread, else oneDNN on the threads the process
+    has. On CUDA, cuda_settings(config)."""
+    backends = torch.backends
+    saved = (backends.mkldnn.enabled, torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), backends.cudnn.deterministic,
+             backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     if device.type == "cpu":
         small = small_ops(config)
-        torch.backends.mkldnn.enabled = not small
+        backends.mkldnn.enabled = not small
         if small:
             torch.set_num_threads(1)
+    elif device.type == "cuda":
+        chosen = cuda_settings(config)
+        torch.use_deterministic_algorithms(chosen["deterministic_algorithms"], warn_only=True)
+        backends.cudnn.deterministic = chosen["cudnn_deterministic"]
+        backends.cudnn.benchmark = chosen["cudnn_benchmark"]
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = chosen["tf32"]
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = chosen["CUBLAS_WORKSPACE_CONFIG"]
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = saved[0]
+        backends.mkldnn.enabled = saved[0]
         torch.set_num_threads(saved[1])
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        backends.cudnn.deterministic, backends.cudnn.benchmark = saved[4], saved[5]
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved[6], saved[7]
+        if saved[8] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[8]
 
 
 def make_optimizer(model, config, total_steps, fused):
@@ -131,7 +163,7 @@ def train(config, log=print, data=None, progress=True, on_epoch=None, resume=Non
     """
     torch.manual_seed(config.seed)  # before anything random: model init, dropout, data order
     device = pick_device(config.device)
-    with cpu_kernels(config, device):
+    with kernels(config, device):
         return run_epochs(config, device, log, data, progress, on_epoch, resume)
 
 
@@ -266,11 +298,14 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
     Returns {"loss": mean training loss, "train_acc": running training accuracy in % (measured on each
     batch as it was trained, dropout and augmentation on), "steps", "seconds", "curve": [step, loss,
     train_acc, lr] every `postfix_every` steps, as running means over the epoch so far}. Raises
-    NonFiniteLoss at the first step whose loss is NaN or infinite, before that step updates the weights.
+    NonFiniteLoss at the first step whose loss is NaN or infinite, before that step updates the weights; on an
+    accelerator, which is read back only every `postfix_every` steps (each read waits for the device), at the first
+    such read after it.
     """
     model.train()
     steps = len(batches) if steps is None else steps
     params = [p for p in model.parameters() if p.requires_grad]  # walked once, not every step
+    on_cpu = params[0].device.type == "cpu"
     loss_sum, correct, seen, curve = 0.0, 0, 0, []
     bar = tqdm(batches, total=steps, desc=desc, disable=not progress, leave=False, mininterval=0.5,
                dynamic_ncols=True)
@@ -283,8 +318,8 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
             loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
         else:
             loss = F.nll_loss(output, y)  # the models return log-probabilities
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        loss_value = loss.item() if on_cpu else loss.detach()
+        if on_cpu and not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss became {loss_value} at step {step} of {steps} "
                                 f"(learning rate {scheduler.get_last_lr()[0]:.3g})")
         optimizer.zero_grad(set_to_none=True)
@@ -299,6 +334,10 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
         correct += (output.argmax(1) == y).sum()  # kept as a tensor, read only every postfix_every steps
         seen += len(y)
         if step % postfix_every == 0 or step == steps:
+            loss_sum = float(loss_sum)  # on an accelerator, the one read back of these steps' losses
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLoss(f"loss became {loss_sum} by step {step} of {steps} "
+                                    f"(learning rate {scheduler.get_last_lr()[0]:.3g})")
             point = [step, loss_sum / seen, 100 * int(correct) / seen, scheduler.get_last_lr()[0]]
             curve.append(point)
             bar.set_postfix(loss=f"{point[1]:.4f}", acc=f"{point[2]:.2f}%", lr=f"{point[3]:.2e}", refresh=False)

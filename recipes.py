@@ -89,6 +89,7 @@ class Config:
                                "image and its four one-pixel shifts")
     seed: int = setting(1, "random seed", "seed")
     exact: bool = setting(False, "torch's default kernels (default Adam, oneDNN) instead of the faster fused Adam")
+    tf32: bool = setting(False, "on CUDA, TensorFloat-32 matmuls and convolutions: faster, rounded to 10 bits")
     device: str = setting("auto", "where to train: auto is torch's current accelerator, else the CPU",
                           choices=DEVICES)
     dry_run: bool = setting(False, "one epoch of five batches and one evaluation batch per split", cli=False)

@@ -136,7 +136,7 @@ def mean_std(values, digits, unit=""):
 
 
 COLUMNS = ("recipe", "network", "parameters", "epochs", "n", "seeds", "test, single-view", "test, with TTA",
-           "UCI digits (worst form)", "unseen writers (worst form)", "training", "device", "torch")
+           "UCI, 13 writers (worst form)", "UCI, 30 unseen writers (worst form)", "training", "device", "torch")
 
 
 def uci_figures(row, writers="uci"):
@@ -160,8 +160,8 @@ def cells(row):
             *uci, mean_std(row.train_seconds, 1, " s"), row.device, row.torch]
 
 
-RIGHT = {"parameters", "epochs", "n", "test, single-view", "test, with TTA", "UCI digits (worst form)",
-         "unseen writers (worst form)", "training"}
+RIGHT = {"parameters", "epochs", "n", "test, single-view", "test, with TTA", "UCI, 13 writers (worst form)",
+         "UCI, 30 unseen writers (worst form)", "training"}
 SHARED = ("n", "seeds", "device", "torch")  # said once under the table when every row has the same
 
 
@@ -171,7 +171,7 @@ def to_markdown(rows):
     table = [cells(row) for row in rows]
     shared = [i for i, name in enumerate(COLUMNS)
               if name in SHARED and len(table) > 1 and len({r[i] for r in table}) == 1]
-    unseen = COLUMNS.index("unseen writers (worst form)")  # shown once some row has been scored on them
+    unseen = COLUMNS.index("UCI, 30 unseen writers (worst form)")  # shown once some row has been scored on them
     keep = [i for i in range(len(COLUMNS)) if i not in shared and (i != unseen or any(r[i] != "—" for r in table))]
     lines = ["| " + " | ".join(COLUMNS[i] for i in keep) + " |",
              "|" + "|".join("---:" if COLUMNS[i] in RIGHT else "---" for i in keep) + "|"]

@@ -27,7 +27,8 @@ import reader
 import recipes
 import run_folder
 import uci_digits
-from conftest import DATA_DIR, digit_tensor, png_claiming_size, predicted, quiet, run_cli, small_split, train_recipe, without_timings
+from conftest import (DATA_DIR, digit_tensor, png_claiming_size, predicted, quiet, run_cli, small_split, train_recipe,
+                      without_timings)
 from model import MODELS, Net, ResidualBlock, SqueezeExcite, build_model, center_crop, count_parameters
 
 
@@ -345,7 +346,7 @@ CONFIG_DEFAULTS = {
     "optimizer": "adam", "momentum": 0.9, "schedule": "onecycle", "max_lr": 0.005, "pct_start": 0.1,
     "div_factor": 1.0, "final_div_factor": 10.0, "weight_decay": 0.0, "clip_grad": 1.0, "val_size": 0, "shift": 0.0,
     "rotate": 0.0, "scale": 0.0, "restyle": 0.0, "digit_variants": 0.0, "clean_epochs": 0, "label_smoothing": 0.0,
-    "ema": 0.0, "tta": False, "seed": 1, "exact": False, "device": "auto", "dry_run": False, "data_dir": "./data"}
+    "ema": 0.0, "tta": False, "seed": 1, "exact": False, "tf32": False, "device": "auto", "dry_run": False, "data_dir": "./data"}
 RESSENET_8 = dict(model="ressenet", dropout=0.1, epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
                   final_div_factor=100.0, weight_decay=0.0005, clip_grad=0.0, val_size=10000, shift=2.0, rotate=10.0,
                   label_smoothing=0.1, tta=True)
@@ -445,12 +446,27 @@ def test_tta_averages_the_image_and_its_four_one_pixel_shifts():
 
 def test_cpu_kernels_hold_for_the_block_only():
     before = torch.backends.mkldnn.enabled, torch.get_num_threads()
-    with model_train.cpu_kernels(recipes.recipe_config("net-1epoch"), torch.device("cpu")):
+    with model_train.kernels(recipes.recipe_config("net-1epoch"), torch.device("cpu")):
         assert not torch.backends.mkldnn.enabled and torch.get_num_threads() == 1  # small ops: plain, one thread
     assert (torch.backends.mkldnn.enabled, torch.get_num_threads()) == before
-    with model_train.cpu_kernels(recipes.recipe_config("ressenet-8epoch"), torch.device("cpu")):
+    with model_train.kernels(recipes.recipe_config("ressenet-8epoch"), torch.device("cpu")):
         assert torch.backends.mkldnn.enabled and torch.get_num_threads() == before[1]
     assert (torch.backends.mkldnn.enabled, torch.get_num_threads()) == before
+
+
+def test_cuda_runs_choose_deterministic_kernels_for_the_block_only():
+    # Set through the same function a CUDA run enters; these switches need no GPU to be set and read back.
+    state = lambda: (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    before = state()
+    with model_train.kernels(recipes.recipe_config("ressenet-8epoch"), torch.device("cuda")):
+        assert state() == (True, True, False, False, False, ":4096:8")
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert state() == before
+    with model_train.kernels(recipes.recipe_config("ressenet-8epoch", tf32=True), torch.device("cuda")):
+        assert state()[3:5] == (True, True)
+    assert state() == before
 
 
 def test_a_resume_state_from_another_type_of_device_is_refused_before_anything_is_put_back():

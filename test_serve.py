@@ -23,14 +23,15 @@ import main
 import reader
 import run_folder
 import serve
-from conftest import (digit_tensor, DATA_DIR, HERE, draw_digit, http_request, in_process, one_line_error, png_claiming_size, predicted,
-                      raw_request, wait_for_answer, write_digit_variants)
+from conftest import (DATA_DIR, HERE, digit_tensor, draw_digit, http_request, in_process, one_line_error,
+                      png_claiming_size, predicted, raw_request, wait_for_answer, write_digit_variants)
 
 
 # --- the server over HTTP -----------------------------------------------------------------------------------
 
 def test_serve_without_checkpoint_or_port_is_a_one_line_error(tmp_path, untrained_folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_folder, "SHIPPED", str(tmp_path / "no-reader.pt"))
     r = in_process(main.main, ["serve"], capsys)
     assert one_line_error(r) and "python main.py" in r.stderr
     with socket.socket() as taken:
