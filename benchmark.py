@@ -1,7 +1,7 @@
 """Training speed, measured as ratios in one process (variants run round-robin so machine noise hits each alike),
 and the check of a GPU: the suite, bit for bit, and the race there.
 
-    python benchmark.py                          # the seed-1 loop: DataLoader pipeline against in-memory paths
+    python benchmark.py                          # net-1epoch's loop: DataLoader pipeline against in-memory paths
     python benchmark.py --suite ressenet --rounds 7
     python benchmark.py --suite small --rounds 7
     python benchmark.py --suite one-epoch --rounds 5
@@ -108,7 +108,7 @@ def run(variant, steps, seed, data_dir, train, order):
 
 
 def kernel_floor(steps, seed):
-    """Seconds per step of the seed-1 network's convolutions and max-pools alone, forward and backward."""
+    """Seconds per step of net-1epoch's network's convolutions and max-pools alone, forward and backward."""
     recipe = recipes.recipe_config("net-1epoch")
     with model_train.kernels(recipe, CPU):
         torch.manual_seed(seed)

@@ -101,37 +101,37 @@ def save_run(out, config, model, metrics):
 
 
 @pytest.fixture(scope="session")
-def seed1_run(mnist):
+def net_1epoch_run(mnist):
     """The net-1epoch recipe exactly as `python main.py` runs it: one epoch at batch 10, seed 1."""
     return train_recipe("net-1epoch", seed=1)
 
 
 @pytest.fixture(scope="session")
-def seed2_run():
+def ressenet_8epoch_run():
     """The ressenet-8epoch recipe exactly as `python main.py --recipe ressenet-8epoch` runs it, seed 1."""
     return train_recipe("ressenet-8epoch", seed=1)
 
 
 @pytest.fixture(scope="session")
-def seed1_checkpoint(seed1_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("seed1")
-    save_run(out, *seed1_run)
+def net_1epoch_checkpoint(net_1epoch_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("net-1epoch")
+    save_run(out, *net_1epoch_run)
     return out / "model.pt"
 
 
 @pytest.fixture(scope="session")
-def seed2_folder(seed2_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("seed2")
-    save_run(out, *seed2_run)
+def ressenet_8epoch_folder(ressenet_8epoch_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ressenet-8epoch")
+    save_run(out, *ressenet_8epoch_run)
     return out
 
 
 @pytest.fixture(scope="session")
-def seed2_onnx(seed2_folder, tmp_path_factory):
-    """The seed-2 run exported as `python main.py export RUN --int8` exports it: (model.onnx, model.int8.onnx,
+def ressenet_8epoch_onnx(ressenet_8epoch_folder, tmp_path_factory):
+    """The ressenet-8epoch run exported as `python main.py export RUN --int8` exports it: (model.onnx, model.int8.onnx,
     what the command printed). In a fresh interpreter: nothing but the tests of the command line imports it."""
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    r = run_cli("export", str(seed2_folder), "--out", str(out), "--int8", "--data-dir", DATA_DIR)
+    r = run_cli("export", str(ressenet_8epoch_folder), "--out", str(out), "--int8", "--data-dir", DATA_DIR)
     assert r.returncode == 0, r.stdout + r.stderr
     return out, out.with_name("model.int8.onnx"), r.stdout
 
@@ -162,8 +162,8 @@ def stub_server(untrained_folder):
     stop_server(srv)
 
 
-TRAINED_FIXTURES = {"seed1_run", "seed2_run", "seed1_checkpoint", "seed2_folder", "seed2_onnx", "server", "page",
-                    "static_site"}
+TRAINED_FIXTURES = {"net_1epoch_run", "ressenet_8epoch_run", "net_1epoch_checkpoint", "ressenet_8epoch_folder",
+                    "ressenet_8epoch_onnx", "server", "page", "static_site"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -243,8 +243,8 @@ def stop_server(srv):
 
 
 @pytest.fixture(scope="session")
-def server(seed1_checkpoint):
-    srv = start_server(seed1_checkpoint)
+def server(net_1epoch_checkpoint):
+    srv = start_server(net_1epoch_checkpoint)
     yield srv
     stop_server(srv)
 

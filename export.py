@@ -169,6 +169,7 @@ def export(model, checkpoint, out, int8=False, data_dir="./data", log=print):
         results["float"] = scores(path, logs, probs, y, same=same, difference=difference)
 
     try:
+        log(f"exporting with torch.onnx, then checking with onnxruntime on the {len(y):,} test digits...")
         write_checked(out, onnx_bytes(model, metadata), check_float)
     except ExportError:
         raise
@@ -185,6 +186,7 @@ def export(model, checkpoint, out, int8=False, data_dir="./data", log=print):
             if lost > MAX_INT8_LOSS:
                 raise ExportError(f"int8 loses {lost:.2f} points of test accuracy (at most {MAX_INT8_LOSS})")
 
+        log(f"quantizing to int8 (calibrated on {CALIBRATION:,} training digits), then checking it...")
         write_checked(int8_path(out), int8_bytes(out, calibration), check_int8)
     return results
 

@@ -1,6 +1,6 @@
 """The networks: tiny CNNs for 28x28 MNIST digits, each returning log-probabilities (B, 10).
 
-    net             the seed-1 CNN, 13,242 parameters: two 3x3 convs (1->4->8) with max-pooling, FC 392->32->10
+    net             the one-epoch reference CNN, 13,242 parameters: two 3x3 convs (1->4->8) with max-pooling, FC 392->32->10
     ressenet        13,418 parameters: BatchNorm, residual blocks with squeeze-and-excitation attention, global
                     average pooling and dropout, on the central 22x22 pixels
     ressenet-small  the same built from depthwise-separable convolutions, widths 16-24-32, whole image: 7,864
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 
 class Net(nn.Module):
-    """The seed-1 CNN. Its true size is 13,242 parameters (40 + 296 + 12,576 + 330)."""
+    """The one-epoch reference CNN (net-1epoch). Its true size is 13,242 parameters (40 + 296 + 12,576 + 330)."""
 
     def __init__(self, dropout=0.005):
         super().__init__()

@@ -22,7 +22,7 @@ from digit_image import TTA_SHIFTS
 from errors import UserError
 from model import build_model, count_parameters
 
-# Below this batch size the seed-1 `net`'s ops (4 and 8 channels) are too small to gain from oneDNN convolutions
+# Below this batch size `net`'s ops (4 and 8 channels) are too small to gain from oneDNN convolutions
 # or a second thread on CPU: at batch 10 on 2 cores both cost time (benchmark.py); at batch 128 both pay. The
 # ResSENet networks, with 16 channels at full resolution, gain from both (and channels-last) at batch 32 too.
 SMALL_BATCH = 64

@@ -97,11 +97,11 @@ class Config:
 
 
 # Recipes by purpose. Each is a named base below plus a few overrides, never another recipe, so changing one
-# recipe changes no other; test_model.py pins every recipe's values. Values not given are Config's defaults.
+# recipe changes no other; test_train.py pins every recipe's values. Values not given are Config's defaults.
 # What each reaches is in README.md; how each was chosen, and the flags of the recipes it beat, in
 # docs/experiments.md.
 #
-# The seed-2 kind of training: AdamW + OneCycleLR at batch 512, shifts and small rotations, label smoothing,
+# The <20k reference's kind of training: AdamW + OneCycleLR at batch 512, shifts and small rotations, label smoothing,
 # dropout, a 50k/10k train/validation split, scored with test-time augmentation.
 RESSENET = dict(model="ressenet", epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
                 final_div_factor=100.0, weight_decay=5e-4, clip_grad=0.0, val_size=10_000, shift=2.0, rotate=10.0,
@@ -115,12 +115,12 @@ SMALL_NETWORK = dict(epochs=40, batch_size=128, max_lr=0.02, pct_start=0.2, div_
                      clip_grad=0.0, dropout=0.0, shift=1.0, rotate=5.0, ema=0.999, clean_epochs=4, tta=True)
 
 RECIPES = {
-    # The seed-1 system: the 13,242-parameter CNN, Adam + OneCycleLR (flat at 0.005 for the first 10%, then
+    # The one-epoch reference: the 13,242-parameter CNN, Adam + OneCycleLR (flat at 0.005 for the first 10%, then
     # annealed to 0.0005), batch 10, gradient norm clipped to 1.0, one epoch on all 60,000 images.
     "net-1epoch": dict(),
-    # The seed-2 system: >= 99.4% on the test set in 8 epochs with BatchNorm, attention, residuals and GAP.
+    # The <20k reference: >= 99.4% on the test set in 8 epochs with BatchNorm, attention, residuals and GAP.
     "ressenet-8epoch": dict(RESSENET),
-    # Seed 2's own training on our network: SGD at a constant 0.05 with momentum 0.9, batch 128, 19 epochs,
+    # The <20k reference's own training on our network: SGD at a constant 0.05 with momentum 0.9, batch 128, 19 epochs,
     # nothing else (no augmentation, label smoothing, weight decay or clipping).
     "ressenet-sgd-19epoch": dict(model="ressenet", dropout=0.1, epochs=19, batch_size=128, optimizer="sgd",
                                  momentum=0.9, schedule="constant", max_lr=0.05, clip_grad=0.0, val_size=10_000),

@@ -1,4 +1,4 @@
-"""The seed-1 "Observations", measured: one epoch of the seed-1 network over batch size x dropout x seeds.
+"""The one-epoch reference's "Observations", measured: one epoch of `net` over batch size x dropout x seeds.
 
     python sweep.py                              # 4 batch sizes x 4 dropouts x 2 seeds, ~10 min on 2 cores
     python sweep.py --seeds 1 2 3 --out-dir runs/sweep
@@ -81,7 +81,7 @@ def plot(rows, batch_sizes, dropouts):
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         ax.minorticks_off()
     axes[0].legend(fontsize=8)
-    fig.suptitle("seed-1 network, one epoch (mean over seeds)")
+    fig.suptitle("net, one epoch (mean over seeds)")
     fig.tight_layout()
     return fig
 

@@ -573,21 +573,21 @@ def test_report_of_a_missing_folder_or_of_no_runs_is_a_one_line_error(tmp_path, 
 
 
 @pytest.mark.slow
-def test_checkpoint_loads_with_weights_only_and_scores_the_same(seed1_run, seed1_checkpoint, mnist):
-    _, model, metrics = seed1_run
-    checkpoint = torch.load(seed1_checkpoint, weights_only=True)
+def test_checkpoint_loads_with_weights_only_and_scores_the_same(net_1epoch_run, net_1epoch_checkpoint, mnist):
+    _, model, metrics = net_1epoch_run
+    checkpoint = torch.load(net_1epoch_checkpoint, weights_only=True)
     assert checkpoint["model_name"] == "net" and checkpoint["config"]["batch_size"] == 10
-    fresh, _ = run_folder.load_checkpoint(seed1_checkpoint, "net")
+    fresh, _ = run_folder.load_checkpoint(net_1epoch_checkpoint, "net")
     assert model_train.measure(fresh, *mnist["test"])["acc"] == metrics["test_acc"]
     # no temporary files left beside the results
-    assert sorted(os.listdir(seed1_checkpoint.parent)) == ["confusion.png", "curves.png", "metrics.json",
+    assert sorted(os.listdir(net_1epoch_checkpoint.parent)) == ["confusion.png", "curves.png", "metrics.json",
                                                            "mistakes.png", "model.pt"]
 
 
 @pytest.mark.slow
-def test_predict_reads_real_digits_in_any_form(seed1_checkpoint, test_digits, tmp_path):
+def test_predict_reads_real_digits_in_any_form(net_1epoch_checkpoint, test_digits, tmp_path):
     files = write_digit_variants(tmp_path, test_digits[0][:50], test_digits[1][:50])
-    r = run_cli("predict", *[str(p) for p, _ in files], "--checkpoint", str(seed1_checkpoint))  # as a user would
+    r = run_cli("predict", *[str(p) for p, _ in files], "--checkpoint", str(net_1epoch_checkpoint))  # as a user would
     assert r.returncode == 0, r.stderr
     said = predicted(r.stdout)
     correct = sum(said[str(p)] == label for p, label in files)
@@ -597,16 +597,18 @@ def test_predict_reads_real_digits_in_any_form(seed1_checkpoint, test_digits, tm
 
 
 @pytest.mark.slow
-def test_predict_scores_as_the_checkpoint_was_scored(seed2_run, seed2_folder, test_digits, tmp_path, monkeypatch,
+def test_predict_scores_as_the_checkpoint_was_scored(ressenet_8epoch_run, ressenet_8epoch_folder, test_digits, tmp_path,
+                                                     monkeypatch,
                                                      capsys):
     files = [(p, label) for p, label in write_digit_variants(tmp_path, test_digits[0][:10], test_digits[1][:10])
              if "plain" in p.name]
     real, calls = model_train.log_probabilities, []
     monkeypatch.setattr(model_train, "log_probabilities",
                         lambda m, x, tta=False: calls.append(tta) or real(m, x, tta))
-    r = in_process(main.main, ["predict", *(str(p) for p, _ in files), "--checkpoint", str(seed2_folder)], capsys)
+    r = in_process(main.main, ["predict", *(str(p) for p, _ in files), "--checkpoint", str(ressenet_8epoch_folder)],
+                   capsys)
     assert r.returncode == 0
-    assert seed2_run[0].tta and len(calls) >= len(files) and all(calls)  # the seed-2 recipe's test-time augmentation
+    assert ressenet_8epoch_run[0].tta and len(calls) >= len(files) and all(calls)  # the recipe's test-time augmentation
     said = predicted(r.stdout)
     assert sum(said[str(p)] == label for p, label in files) >= 9
 
@@ -626,12 +628,12 @@ def test_the_shipped_reader_reads_as_the_readme_says():
 
 
 @pytest.mark.slow
-def test_predict_bad_images_are_one_line_errors(seed1_checkpoint, tmp_path, capsys):
+def test_predict_bad_images_are_one_line_errors(net_1epoch_checkpoint, tmp_path, capsys):
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("not an image")
     bad = [tmp_path / "blank.png", tmp_path / "empty.png", tmp_path / "notes.png", tmp_path / "missing.png"]
-    r = in_process(main.main, ["predict", *map(str, bad), "--checkpoint", str(seed1_checkpoint)], capsys)
+    r = in_process(main.main, ["predict", *map(str, bad), "--checkpoint", str(net_1epoch_checkpoint)], capsys)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.splitlines()) == 4 and all(line.startswith("error: ") for line in r.stderr.splitlines())
     r = in_process(main.main, ["predict", str(bad[0]), "--checkpoint", str(tmp_path / "none.pt")], capsys)
@@ -649,11 +651,11 @@ class Boom:
 
 
 @pytest.mark.slow
-def test_bad_checkpoints_are_refused_clearly(seed1_checkpoint, tmp_path):
+def test_bad_checkpoints_are_refused_clearly(net_1epoch_checkpoint, tmp_path):
     with pytest.raises(run_folder.RunFolderError, match="holds a 'net' network, not the 'ressenet' network"):
-        run_folder.load_checkpoint(seed1_checkpoint, "ressenet")
+        run_folder.load_checkpoint(net_1epoch_checkpoint, "ressenet")
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(seed1_checkpoint.read_bytes()[:5000])
+    truncated.write_bytes(net_1epoch_checkpoint.read_bytes()[:5000])
     with pytest.raises(run_folder.RunFolderError, match="not a checkpoint .* name a run folder or its model.pt"):
         run_folder.load_checkpoint(truncated)
     notes = tmp_path / "notes.txt"
@@ -686,38 +688,40 @@ def evaluate_cli(run_dir, capsys, *flags):
 
 
 @pytest.mark.slow
-def test_evaluate_gives_what_the_run_recorded_on_test_and_validation(seed2_run, seed2_folder, seed1_checkpoint,
+def test_evaluate_gives_what_the_run_recorded_on_test_and_validation(ressenet_8epoch_run, ressenet_8epoch_folder,
+                                                                    net_1epoch_checkpoint,
                                                                     capsys):
-    config, model, metrics = seed2_run
-    figures, out = evaluate_cli(seed2_folder, capsys)
+    config, model, metrics = ressenet_8epoch_run
+    figures, out = evaluate_cli(ressenet_8epoch_folder, capsys)
     assert figures["acc"] == round(metrics["test_acc"], 2) and figures["acc_tta"] == round(metrics["test_acc_tta"], 2)
     assert figures["loss"] == round(metrics["test_loss"], 4) and figures["loss_tta"] == round(metrics["test_loss_tta"], 4)
     assert "per-class accuracy with TTA: 0 " in out
     kept = metrics["epochs"][metrics["kept_epoch"] - 1]
-    figures, _ = evaluate_cli(seed2_folder, capsys, "--split", "val")  # the split rebuilt from the run's seed and size
+    # the split rebuilt from the run's seed and size
+    figures, _ = evaluate_cli(ressenet_8epoch_folder, capsys, "--split", "val")
     assert figures == {k: round(kept["val_" + k], 2 if k.startswith("acc") else 4)
                        for k in ("acc", "loss", "acc_tta", "loss_tta")}
     # To the last bit: the same kernels, layout and batches as the run.
-    fresh, _ = run_folder.load_checkpoint(seed2_folder / "model.pt")
+    fresh, _ = run_folder.load_checkpoint(ressenet_8epoch_folder / "model.pt")
     result = evaluate.rescore(fresh, config, "test", log=quiet)
     assert (result["acc"], result["loss"], result["acc_tta"]) == (metrics["test_acc"], metrics["test_loss"],
                                                                   metrics["test_acc_tta"])
-    # The seed-1 run held out nothing: its validation split is refused in one line; its test figure agrees.
-    r = in_process(main.main, ["evaluate", str(seed1_checkpoint), "--split", "val"], capsys)
+    # The net-1epoch run held out nothing: its validation split is refused in one line; its test figure agrees.
+    r = in_process(main.main, ["evaluate", str(net_1epoch_checkpoint), "--split", "val"], capsys)
     assert one_line_error(r) and "no validation split" in r.stderr
-    net_run = torch.load(seed1_checkpoint, weights_only=True)["metrics"]
-    assert evaluate_cli(seed1_checkpoint, capsys)[0]["acc"] == round(net_run["test_acc"], 2)
+    net_run = torch.load(net_1epoch_checkpoint, weights_only=True)["metrics"]
+    assert evaluate_cli(net_1epoch_checkpoint, capsys)[0]["acc"] == round(net_run["test_acc"], 2)
 
 
 @pytest.mark.slow
-def test_predict_reads_a_number_digit_by_digit_and_as_json(seed2_folder, test_digits, tmp_path, capsys):
+def test_predict_reads_a_number_digit_by_digit_and_as_json(ressenet_8epoch_folder, test_digits, tmp_path, capsys):
     numbers = [n for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 40, seed=4)
                if n[2] >= 3][:6]
     paths = []
     for k, (page, _, _) in enumerate(numbers):
         paths.append(tmp_path / f"number{k}.png")
         paths[-1].write_bytes(composed_numbers.png(255 - page))  # dark ink on white, as paper is
-    r = in_process(main.main, ["predict", *map(str, paths), "--checkpoint", str(seed2_folder)], capsys)
+    r = in_process(main.main, ["predict", *map(str, paths), "--checkpoint", str(ressenet_8epoch_folder)], capsys)
     assert r.returncode == 0 and r.stderr == ""
     lines = r.stdout.splitlines()
     right = 0
@@ -727,7 +731,8 @@ def test_predict_reads_a_number_digit_by_digit_and_as_json(seed2_folder, test_di
         # "45889  (4 99.9%, 5 99.1%, 8 97.0%, 8 99.8%, 9 98.7%)": each digit with its confidence
         assert re.fullmatch(r"\((\d \d+\.\d%)(, \d \d+\.\d%)*\)", sure) and sure.count("%") == len(number)
     assert right >= 5
-    r = in_process(main.main, ["predict", *map(str, paths[:2]), "--json", "--checkpoint", str(seed2_folder)], capsys)
+    r = in_process(main.main, ["predict", *map(str, paths[:2]), "--json", "--checkpoint", str(ressenet_8epoch_folder)],
+                   capsys)
     answers = [json.loads(line) for line in r.stdout.splitlines()]
     assert [a["file"] for a in answers] == list(map(str, paths[:2]))
     for a in answers:
@@ -738,15 +743,15 @@ def test_predict_reads_a_number_digit_by_digit_and_as_json(seed2_folder, test_di
 
 
 @pytest.mark.slow
-def test_predict_answers_one_digit_as_before(seed1_checkpoint, test_digits, tmp_path, capsys):
+def test_predict_answers_one_digit_as_before(net_1epoch_checkpoint, test_digits, tmp_path, capsys):
     # An image of one digit: its three likeliest, from exactly the preparation and scoring predict always used.
     # A digit in pieces (a 5's flag apart) may now be read as two: 0.3% of 3,000 (docs/experiments.md).
     paths = []
     for i in range(30):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(255 - test_digits[0][i].numpy()).resize((84, 84), Image.BILINEAR).save(paths[-1])
-    r = in_process(main.main, ["predict", *map(str, paths), "--checkpoint", str(seed1_checkpoint)], capsys)
-    model, _ = run_folder.load_checkpoint(seed1_checkpoint)
+    r = in_process(main.main, ["predict", *map(str, paths), "--checkpoint", str(net_1epoch_checkpoint)], capsys)
+    model, _ = run_folder.load_checkpoint(net_1epoch_checkpoint)
     same = 0
     for path, line in zip(paths, r.stdout.splitlines()):
         probs = torch.from_numpy(reader.probabilities(model, digit_image.read_digit(path)[None])[0])
@@ -759,25 +764,26 @@ def test_predict_answers_one_digit_as_before(seed1_checkpoint, test_digits, tmp_
 # --- export: ONNX and int8, checked on the test set ------------------------------------------------------------
 
 @pytest.mark.slow
-def test_export_computes_what_the_checkpoint_does_and_int8_stays_close(seed2_run, seed2_onnx):
+def test_export_computes_what_the_checkpoint_does_and_int8_stays_close(ressenet_8epoch_run, ressenet_8epoch_onnx):
     import onnx
-    float_path, int8_path, printed = seed2_onnx
+    float_path, int8_path, printed = ressenet_8epoch_onnx
     lines = printed.strip().splitlines()[-2:]
     assert lines[0].startswith(f"{float_path}: ") and "the same prediction as torch on 10,000 of 10,000" in lines[0]
     assert float(re.search(r"within (\S+)$", lines[0]).group(1)) <= 1e-4
     accuracy = [float(re.search(r"test accuracy ([\d.]+)%", line).group(1)) for line in lines]
-    assert accuracy[0] == pytest.approx(seed2_run[2]["test_acc"], abs=1e-9)  # the checkpoint's own figure
+    assert accuracy[0] == pytest.approx(ressenet_8epoch_run[2]["test_acc"], abs=1e-9)  # the checkpoint's own figure
     assert accuracy[0] - accuracy[1] <= 0.3  # int8, calibrated on training digits
     assert int8_path.stat().st_size < float_path.stat().st_size / 1.8
     meta = {p.key: p.value for p in onnx.load(str(float_path)).metadata_props}
-    assert json.loads(meta["config"]) == dataclasses.asdict(seed2_run[0]) and float(meta["test_acc"]) == accuracy[0]
+    assert json.loads(meta["config"]) == dataclasses.asdict(ressenet_8epoch_run[0])
+    assert float(meta["test_acc"]) == accuracy[0]
     shape = onnx.load(str(float_path)).graph.input[0].type.tensor_type.shape.dim
     assert shape[0].dim_param and [d.dim_value for d in shape[1:]] == [1, 28, 28]  # a batch of any size
     assert sorted(p.name for p in float_path.parent.iterdir()) == ["model.int8.onnx", "model.onnx"]  # no temp files
 
 
 @pytest.mark.slow
-def test_export_errors_are_one_line_and_leave_nothing(seed2_folder, tmp_path, capsys, monkeypatch):
+def test_export_errors_are_one_line_and_leave_nothing(ressenet_8epoch_folder, tmp_path, capsys, monkeypatch):
     import export
     (tmp_path / "empty").mkdir()
     r = in_process(main.main, ["export", str(tmp_path / "empty")], capsys)
@@ -785,12 +791,22 @@ def test_export_errors_are_one_line_and_leave_nothing(seed2_folder, tmp_path, ca
     torch.save({"model": {}, "model_name": "resnet50"}, tmp_path / "other.pt")
     r = in_process(main.main, ["export", str(tmp_path / "other.pt")], capsys)
     assert one_line_error(r) and "not a checkpoint of this project" in r.stderr
-    r = in_process(main.main, ["export", str(seed2_folder), "--out", str(tmp_path / "missing" / "m.onnx")], capsys)
+    r = in_process(main.main, ["export", str(ressenet_8epoch_folder), "--out", str(tmp_path / "missing" / "m.onnx")],
+                   capsys)
     assert one_line_error(r) and r.stderr.startswith(f"error: cannot write {tmp_path / 'missing' / 'm.onnx'}")
     monkeypatch.setattr(export, "MAX_DIFFERENCE", 0.0)  # no export can pass: it must leave nothing behind
-    r = in_process(main.main, ["export", str(seed2_folder), "--out", str(tmp_path / "m.onnx")], capsys)
+    r = in_process(main.main, ["export", str(ressenet_8epoch_folder), "--out", str(tmp_path / "m.onnx")], capsys)
     assert one_line_error(r) and "does not compute what the checkpoint does" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "other.pt"]
+
+
+def test_export_web_without_npm_says_what_to_install_before_any_work(untrained_folder, tmp_path, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm anywhere on it
+    r = in_process(main.main, ["export", str(untrained_folder), "--out", str(tmp_path / "m.onnx"),
+                               "--web", str(tmp_path / "site"), "--data-dir", DATA_DIR], capsys)
+    assert one_line_error(r) and "npm is not installed" in r.stderr and "apt-get install npm" in r.stderr
+    assert os.listdir(tmp_path) == []  # nothing written: not even the ONNX file
 
 
 def test_main_names_the_runs_folder_as_run_folder_does():

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 import composed_numbers
-import data_file
 import digit_image
 import main
 import reader
@@ -58,11 +57,11 @@ def test_serve_binds_to_loopback_and_stops_cleanly_on_ctrl_c(tmp_path, untrained
 
 
 @pytest.mark.slow
-def test_server_predicts_real_digits_as_predict_does(server, seed1_checkpoint, test_digits, tmp_path, capsys):
+def test_server_predicts_real_digits_as_predict_does(server, net_1epoch_checkpoint, test_digits, tmp_path, capsys):
     files = write_digit_variants(tmp_path, test_digits[0][:10], test_digits[1][:10])
     said = predicted(in_process(main.main, ["predict", *[str(p) for p, _ in files], "--checkpoint",
-                                            str(seed1_checkpoint)], capsys).stdout)
-    model, checkpoint = run_folder.load_checkpoint(seed1_checkpoint)
+                                            str(net_1epoch_checkpoint)], capsys).stdout)
+    model, checkpoint = run_folder.load_checkpoint(net_1epoch_checkpoint)
     one = 0
     for path, label in files:
         status, answer = http_request(server, "POST", "/predict", path.read_bytes(), {"Content-Type": "image/png"})
@@ -258,15 +257,6 @@ def test_a_phone_photo_is_read_upright_from_its_exif_orientation(stub_server, te
     assert answer["digit"] == http_request(server, "POST", "/predict", (tmp_path / "upright.png").read_bytes())[1]["digit"]
 
 
-def test_a_large_image_is_reduced_as_it_is_decoded_and_reads_the_same(test_digits, tmp_path):
-    digit = Image.fromarray(255 - test_digits[0][0].numpy())
-    digit.resize((4000, 4000), Image.BILINEAR).save(tmp_path / "large.png")
-    digit.resize((1000, 1000), Image.BILINEAR).save(tmp_path / "small.png")
-    assert digit_image.read_gray(tmp_path / "large.png").shape == (1000, 1000)  # reduced by 4 before anything else
-    large, small = (digit_tensor(tmp_path / f"{n}.png") for n in ("large", "small"))
-    assert (large - small).abs().max() < 0.05 * data_file.STD ** -1  # within 5% of the ink scale, pixel by pixel
-
-
 # --- the drawing page in a real headless Chromium (pytest -m browser) ---------------------------------------
 
 
@@ -306,13 +296,14 @@ def serve_without_torch(*args):
 
 
 @pytest.mark.slow
-def test_serve_onnx_runs_without_torch_and_answers_as_the_torch_path(seed2_onnx, seed2_run, test_digits, tmp_path):
-    proc = serve_without_torch("--onnx", str(seed2_onnx[0]), "--port", "0")
+def test_serve_onnx_runs_without_torch_and_answers_as_the_torch_path(ressenet_8epoch_onnx, ressenet_8epoch_run,
+                                                                     test_digits, tmp_path):
+    proc = serve_without_torch("--onnx", str(ressenet_8epoch_onnx[0]), "--port", "0")
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         assert "onnxruntime, predicting with TTA" in lines[0] and lines[1].startswith("open http://127.0.0.1:"), lines
         port = int(lines[1].split(":")[2].split("/")[0])
-        torch_path = serve.Predictor(reader.digit_reader(seed2_run[1], {"config": {"tta": True}}))
+        torch_path = serve.Predictor(reader.digit_reader(ressenet_8epoch_run[1], {"config": {"tta": True}}))
         numbers = [n[0] for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 4, seed=7)]
         bodies = [composed_numbers.png(255 - test_digits[0][i].numpy()) for i in range(12)] + \
             [composed_numbers.png(page) for page in numbers]
@@ -512,14 +503,14 @@ def test_the_drawing_survives_a_resize_and_the_page_has_its_own_icon(page, test_
 # --- the static site (main.py export --web) in the browser -----------------------------------------------------
 
 @pytest.fixture(scope="session")
-def static_site(seed1_checkpoint, tmp_path_factory):
+def static_site(net_1epoch_checkpoint, tmp_path_factory):
     """`python main.py export RUN --web DIR` of the net-1epoch run, served by the standard library's static file
     server as any static host would: (its address, the ONNX file, the paths the browser asked for)."""
     import functools
     import http.server
     import threading
     folder = tmp_path_factory.mktemp("web")
-    code = main.main(["export", str(seed1_checkpoint.parent), "--out", str(folder / "model.onnx"),
+    code = main.main(["export", str(net_1epoch_checkpoint.parent), "--out", str(folder / "model.onnx"),
                       "--web", str(folder / "site"), "--data-dir", DATA_DIR])
     assert code == 0
     asked = []
@@ -536,14 +527,14 @@ def static_site(seed1_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.browser
-def test_static_site_prepares_and_reads_as_python_does(browser, static_site, seed1_checkpoint, test_digits):
+def test_static_site_prepares_and_reads_as_python_does(browser, static_site, net_1epoch_checkpoint, test_digits):
     import base64
     import io
     import onnx_model
     url, onnx_path, asked = static_site
     browser.get(url)
     runner = onnx_model.OnnxModel(str(onnx_path))
-    model, _ = run_folder.load_checkpoint(seed1_checkpoint)
+    model, _ = run_folder.load_checkpoint(net_1epoch_checkpoint)
     images, labels = test_digits
     right, worst = 0, 0.0
     for i in range(50):
