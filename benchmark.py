@@ -58,7 +58,7 @@ import data_file
 import model_train
 import reader
 import recipes
-from errors import UserError
+from errors import exit_status
 from model import build_model
 
 CPU = torch.device("cpu")
@@ -249,31 +249,26 @@ def benchmark(argv=None):
     p.add_argument("--device", choices=recipes.DEVICES, default="cpu",
                    help="race: where to train (auto: torch's current accelerator, else the CPU)")
     args = p.parse_args(argv)
-    try:
-        if args.suite == "gpu":
-            return gpu_check(args)
-        if args.suite == "race":
-            race(args)
-            return 0
-        if args.suite == "inference":
-            benchmark_inference(args)
-            return 0
-        train = data_file.load_mnist(args.data_dir)["train"]
-        if args.suite == "ressenet":
-            benchmark_recipes(args, train, SEED2_VARIANTS, SEED2_RECIPE)
-        elif args.suite == "small":
-            benchmark_recipes(args, train, SMALL_VARIANTS, "ressenet-small")
-        elif args.suite == "one-epoch":
-            benchmark_recipes(args, train, ONE_EPOCH_VARIANTS, "net-1epoch", epoch_images=data_file.TRAIN_SIZE)
-        else:
-            benchmark_pipeline(args, train)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: run_suite(args))
+
+
+def run_suite(args):
+    """The suite args.suite asks for; its exit status (the gpu check's PASS or FAIL)."""
+    if args.suite == "gpu":
+        return gpu_check(args)
+    if args.suite == "race":
+        return race(args)
+    if args.suite == "inference":
+        return benchmark_inference(args)
+    train = data_file.load_mnist(args.data_dir)["train"]
+    if args.suite == "ressenet":
+        benchmark_recipes(args, train, SEED2_VARIANTS, SEED2_RECIPE)
+    elif args.suite == "small":
+        benchmark_recipes(args, train, SMALL_VARIANTS, "ressenet-small")
+    elif args.suite == "one-epoch":
+        benchmark_recipes(args, train, ONE_EPOCH_VARIANTS, "net-1epoch", epoch_images=data_file.TRAIN_SIZE)
+    else:
+        benchmark_pipeline(args, train)
 
 
 INFERENCE_RECIPES = ("net-1epoch", "ressenet-8epoch", "ressenet-wide-1epoch", "ressenet-wide22-b128-1epoch",

@@ -27,7 +27,7 @@ from PIL import Image
 
 import data_file
 import serve
-from errors import UserError
+from errors import exit_status
 
 
 def memory_kb(field):
@@ -136,15 +136,7 @@ def main(argv=None):
                                         "shipped reader)")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (default: ./data)")
     args = p.parse_args(argv)
-    try:
-        load_test(args.checkpoint, args.data_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: load_test(args.checkpoint, args.data_dir))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import data_file  # noqa: E402
 import run_folder  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import exit_status  # noqa: E402
 
 
 def plot_curves(metrics):
@@ -102,27 +102,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Draw a run folder's figures from its metrics.json.")
     p.add_argument("run_dir", help="a folder with metrics.json, written by main.py")
     args = p.parse_args(argv)
+    return exit_status(lambda: redraw(args.run_dir))
+
+
+def redraw(run_dir):
+    """Draw a run folder's figures again from its metrics.json, and print their paths."""
     try:
-        run = run_folder.read_metrics(args.run_dir)
+        run = run_folder.read_metrics(run_dir)
         data_dir = run.get("config", {}).get("data_dir", "./data")
         data_file.ensure_mnist(data_dir)  # the mistakes are drawn from the test images
-        names = save_plots(args.run_dir, run, data_dir)
+        names = save_plots(run_dir, run, data_dir)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        print(f"error: {os.path.join(args.run_dir, 'metrics.json')}: not the metrics of a finished run "
-              f"({type(e).__name__}: {e})", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    except OSError as e:
-        print(f"error: cannot write the figures into {args.run_dir}: {e.strerror}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # each figure is written whole or not at all
-        print("interrupted", file=sys.stderr)
-        return 130
+        raise run_folder.RunFolderError(f"{os.path.join(run_dir, 'metrics.json')}: not the metrics of a finished "
+                                        f"run ({type(e).__name__}: {e})") from None
+    except OSError as e:  # each figure is written whole or not at all
+        raise run_folder.RunFolderError(f"cannot write the figures into {run_dir}: {e.strerror}") from None
     for name in names:
-        print(os.path.join(args.run_dir, name))
-    return 0
+        print(os.path.join(run_dir, name))
 
 
 if __name__ == "__main__":
