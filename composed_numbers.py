@@ -8,18 +8,28 @@ from PIL import Image
 
 LENGTHS = range(2, 7)  # digits in a composed number
 GAPS = range(0, 9)  # pixels between neighbouring digits at MNIST's 28-px scale; 0: their boxes touch
+# The harder cases beside the 1,000 numbers of GAPS, each its own fixed seed: (gaps, strokes broken, seed).
+CASES = {
+    "2-8 px apart": (range(2, 9), False, 1),
+    "touching, 0-1 px": ((0, 1), False, 2),
+    "overlapping, -2 px": ((-2,), False, 3),
+    "broken strokes, 2-8 px apart": (range(2, 9), True, 4),
+}
+BREAK = 4  # a broken stroke: this many pixels of ink erased around one point of the digit's middle rows
 
 
-def compose(images, labels, count, seed=0):
+def compose(images, labels, count, seed=0, gaps=GAPS, broken=False):
     """`count` numbers written with MNIST digits (uint8 (N, 28, 28) numpy, labels (N,)), each
     (image uint8 (H, W), its digits as a string, its gap): LENGTHS digits drawn at random, each cropped
-    to its ink, scaled by 0.8-1.2 and moved up or down by up to 3 px, set side by side GAPS px apart (one
-    gap per number, so accuracy can be told by gap; ink that meets is kept at its brighter value), on a black
-    page with an 8-px margin. The same seed gives the same numbers."""
+    to its ink, scaled by 0.8-1.2 and moved up or down by up to 3 px, set side by side `gaps` px apart (one
+    gap per number, so accuracy can be told by gap; a negative gap overlaps them; ink that meets is kept at its
+    brighter value), on a black page with an 8-px margin. With `broken`, half the digits have one stroke broken:
+    a BREAK x BREAK square of ink erased around an inked pixel of their middle rows, as a pen that skips leaves
+    it. The same seed gives the same numbers."""
     rng = np.random.default_rng(seed)
     numbers = []
     for _ in range(count):
-        length, gap = int(rng.choice(LENGTHS)), int(rng.choice(GAPS))
+        length, gap = int(rng.choice(LENGTHS)), int(rng.choice(gaps))
         picks = rng.integers(0, len(labels), length)
         glyphs, shifts = [], []
         for i in picks:
@@ -28,7 +38,10 @@ def compose(images, labels, count, seed=0):
             crop = Image.fromarray(a[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
             scale = rng.uniform(0.8, 1.2)
             size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
-            glyphs.append(np.asarray(crop.resize(size, Image.BILINEAR)))
+            glyph = np.asarray(crop.resize(size, Image.BILINEAR))
+            if broken and rng.random() < 0.5:
+                glyph = broken_stroke(glyph, rng)
+            glyphs.append(glyph)
             shifts.append(int(rng.integers(-3, 4)))
         height = 16 + max(g.shape[0] for g in glyphs) + 6
         page = np.zeros((height, 16 + sum(g.shape[1] for g in glyphs) + gap * (length - 1)), np.uint8)
@@ -40,6 +53,21 @@ def compose(images, labels, count, seed=0):
             x += g.shape[1] + gap
         numbers.append((page, "".join(str(int(labels[i])) for i in picks), gap))
     return numbers
+
+
+def broken_stroke(glyph, rng):
+    """`glyph` with a BREAK x BREAK square erased around one inked pixel of its middle rows (30-70% of its
+    height), drawn from rng."""
+    h = glyph.shape[0]
+    band = glyph[int(0.3 * h):max(int(0.7 * h), int(0.3 * h) + 1)]
+    ys, xs = np.nonzero(band > 127)
+    if len(ys) == 0:
+        return glyph
+    k = int(rng.integers(len(ys)))
+    y, x = ys[k] + int(0.3 * h), xs[k]
+    glyph = glyph.copy()
+    glyph[max(0, y - BREAK // 2):y + BREAK - BREAK // 2, max(0, x - BREAK // 2):x + BREAK - BREAK // 2] = 0
+    return glyph
 
 
 def png(page):

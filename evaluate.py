@@ -92,6 +92,19 @@ def number_lines(result):
             f"  by gap in px (numbers): {table(result['by_gap'])}; 2 px or more: {spaced(result):.2f}%"]
 
 
+def case_lines(cases, singles, splits):
+    """What `evaluate --numbers` prints of the harder cases (reader.score_number_cases), MNIST's test digits one
+    file each (reader.score_single_digits) and the other writers' digits read as several (score_uci_splits)."""
+    lines = [f"  {name}, {r['numbers']:,} numbers: {r['exact']:.2f}% read exactly, digits {r['digits']:.2f}% right, "
+             f"{r['ms']:.1f} ms a number" for name, r in cases.items()]
+    lines.append(f"single test digits, one PNG file each ({singles['digits']:,}): {singles['exact']:.2f}% read as "
+                 f"the one right digit, {singles['split']:.2f}% as more than one")
+    lines.append("UCI digits (13 writers, report half) read as more than one digit: " +
+                 ", ".join(f"{form} {share:.2f}%" for form, share in splits.items()) +
+                 f" | mean {sum(splits.values()) / len(splits):.2f}%")
+    return lines
+
+
 def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, uci_digits=False,
                       numbers=0, log=print, progress=True):
     """Yield what `python main.py evaluate` prints for the checkpoint at `path`: what it is, its figures on
@@ -107,3 +120,6 @@ def evaluation_report(path, model, checkpoint, split="test", device="auto", data
         yield from uci_lines(path, model, tta, config.data_dir, progress)
     if numbers:
         yield from number_lines(reader.score_numbers(model, tta, config.data_dir, numbers, progress=progress))
+        yield from case_lines(reader.score_number_cases(model, tta, config.data_dir, progress=progress),
+                              reader.score_single_digits(model, tta, config.data_dir, progress=progress),
+                              reader.score_uci_splits(model, tta, progress=progress))

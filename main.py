@@ -163,7 +163,9 @@ def evaluate_command(argv):
                         f"into the data dir); recorded in the run folder's {run_folder.UCI} for `report`")
     p.add_argument("--numbers", type=recipes.flag_type(int, "positive"), metavar="N", nargs="?", const=1000,
                    help="also read N numbers written with test digits (2-6 digits, 0-8 px apart; 1,000 when N is "
-                        "left out) through predict's path: exact numbers by length and by gap")
+                        "left out) through predict's path: exact numbers by length and by gap; then 500 numbers of "
+                        "each harder case (overlapping, touching, broken strokes), every test digit as a file of "
+                        "its own, and how many of other writers' digits are read as several")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for the UCI digits and numbers")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)

@@ -9,6 +9,7 @@ checkpoint's run was scored with it. The figures scored here (other writers' dig
 import copy
 import io
 import json
+import time
 
 import torch
 from tqdm import tqdm
@@ -97,13 +98,57 @@ def score_uci_digits(model, tta, half="report", count=None, data_dir="./data", p
     return result
 
 
-def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test", progress=False):
+def score_number_cases(model, tta, data_dir, count=500, progress=False):
+    """score_numbers on each of composed_numbers.CASES (overlapping, touching, apart, broken strokes), `count`
+    numbers each from its own seed: {case: score_numbers' result, with "ms": milliseconds per number}."""
+    result = {}
+    for name, (gaps, broken, seed) in composed_numbers.CASES.items():
+        start = time.perf_counter()
+        result[name] = score_numbers(model, tta, data_dir, count, seed, gaps=gaps, broken=broken, progress=progress)
+        result[name]["ms"] = 1000 * (time.perf_counter() - start) / count
+    return result
+
+
+def score_single_digits(model, tta, data_dir, count=None, progress=False):
+    """MNIST's test digits, each as its own PNG file (28x28, light on black), read by predict's whole path
+    (read_number: a digit may be cut in two). Returns {"digits", "exact" (% read as the one right digit), "split"
+    (% read as more than one digit)}; the other writers' split share is score_uci_splits'."""
+    images, labels = data_file.read_split(data_dir, "test")
+    images, labels = images[:count], labels[:count]
+    model = as_predict_runs(model)
+    right = split = 0
+    for image, label in tqdm(list(zip(images.numpy(), labels.tolist())), desc="single digits",
+                             disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True):
+        _, probs = read_number(model, tta, io.BytesIO(composed_numbers.png(image)), name="a test digit")
+        right += len(probs) == 1 and int(probs[0].argmax()) == label
+        split += len(probs) > 1
+    return {"digits": len(labels), "exact": 100 * right / len(labels), "split": 100 * split / len(labels)}
+
+
+def score_uci_splits(model, tta, half="report", data_dir="./data", progress=False):
+    """The share in % of other writers' single digits (uci_digits, each form's PNG files) that predict's whole
+    path reads as more than one digit: {form: %}."""
+    images, _ = uci_digits.unseen(data_dir) if half == "unseen" else uci_digits.known(half)
+    model = as_predict_runs(model)
+    result = {}
+    for form in uci_digits.FORMS:
+        split = 0
+        for image in tqdm(images, desc=f"UCI splits ({form})", disable=not progress, leave=False,
+                          mininterval=0.5, dynamic_ncols=True):
+            _, probs = read_number(model, tta, io.BytesIO(uci_digits.png(image, form)), name="a UCI digit")
+            split += len(probs) > 1
+        result[form] = 100 * split / len(images)
+    return result
+
+
+def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test", progress=False, gaps=None, broken=False):
     """Numbers written with MNIST's `split` digits (composed_numbers.compose: 2-6 digits, 0-8 px apart), read
     through predict's path (each one's PNG file, read_number). Returns {"numbers", "exact" (% read exactly),
     "digits" (% of digits read right, in numbers whose digits were all found), "found" (% with as many digits as
     written), "by_length" / "by_gap": {n: [numbers, % exact]}}."""
     images, labels = data_file.read_split(data_dir, split)
-    numbers = composed_numbers.compose(images.numpy(), labels.numpy(), count, seed)
+    numbers = composed_numbers.compose(images.numpy(), labels.numpy(), count, seed, gaps or composed_numbers.GAPS,
+                                       broken)
     by_length, by_gap, digits_right, digits_seen, found = {}, {}, 0, 0, 0
     model = as_predict_runs(model)
     for page, written, gap in tqdm(numbers, desc="numbers", disable=not progress, leave=False, mininterval=0.5,

@@ -73,6 +73,21 @@ def test_composed_numbers_are_fixed_by_their_seed_and_cover_every_length_and_gap
     assert all(page.dtype == np.uint8 and page.shape[0] < 60 for page, _, _ in numbers)
 
 
+def test_the_harder_number_cases_overlap_touch_and_break_as_named(test_digits):
+    images, labels = (t.numpy() for t in test_digits)
+    for name, (gaps, broken, seed) in composed_numbers.CASES.items():
+        numbers = composed_numbers.compose(images, labels, 20, seed, gaps, broken)
+        assert {gap for _, _, gap in numbers} <= set(gaps), name
+        again = composed_numbers.compose(images, labels, 20, seed, gaps, broken)
+        assert all(np.array_equal(a[0], b[0]) for a, b in zip(numbers, again))  # fixed by its seed
+    glyph = images[0].copy()
+    cut = composed_numbers.broken_stroke(glyph, np.random.default_rng(0))
+    erased = (glyph > 0) & (cut == 0)
+    rows = np.flatnonzero(erased.any(1))
+    assert 0 < erased.sum() <= composed_numbers.BREAK ** 2 and (cut <= glyph).all()
+    assert rows.min() >= int(0.3 * 28) - composed_numbers.BREAK and rows.max() <= int(0.7 * 28) + composed_numbers.BREAK
+
+
 def test_digits_apart_are_found_left_to_right_without_a_network(test_digits, tmp_path):
     images, labels = test_digits[0].numpy(), test_digits[1].numpy()
     numbers = [n for n in composed_numbers.compose(images, labels, 120, seed=1) if n[2] >= 4]
