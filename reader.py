@@ -125,10 +125,11 @@ def score_single_digits(model, tta, data_dir, count=None, progress=False):
     return {"digits": len(labels), "exact": 100 * right / len(labels), "split": 100 * split / len(labels)}
 
 
-def score_uci_splits(model, tta, half="report", data_dir="./data", progress=False):
-    """The share in % of other writers' single digits (uci_digits, each form's PNG files) that predict's whole
-    path reads as more than one digit: {form: %}."""
+def score_uci_splits(model, tta, half="report", data_dir="./data", count=None, progress=False):
+    """The share in % of other writers' single digits (uci_digits, each form's PNG files; the first `count`) that
+    predict's whole path reads as more than one digit: {form: %}."""
     images, _ = uci_digits.unseen(data_dir) if half == "unseen" else uci_digits.known(half)
+    images = images[:count]
     model = as_predict_runs(model)
     result = {}
     for form in uci_digits.FORMS:

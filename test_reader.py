@@ -149,3 +149,18 @@ def test_uci_score_is_what_predict_says_of_the_same_files(net_1epoch_checkpoint,
     for form in uci_digits.FORMS:
         right = sum(said[str(p)] == label for f, p, label in files if f == form)
         assert scores[form] == 100 * right / 6, form
+
+
+def test_evaluate_numbers_reports_every_case_through_predicts_path(untrained_folder):
+    # The lines `evaluate --numbers` adds, on a few numbers and digits (an untrained network reads them: the
+    # figures are the shipped reader's test's to check).
+    model, _ = run_folder.load_checkpoint(untrained_folder / "model.pt")
+    cases = reader.score_number_cases(model, False, DATA_DIR, count=4)
+    singles = reader.score_single_digits(model, False, DATA_DIR, count=20)
+    splits = reader.score_uci_splits(model, False, count=10)
+    assert list(cases) == list(composed_numbers.CASES) and all(r["numbers"] == 4 for r in cases.values())
+    assert singles["digits"] == 20 and 0 <= singles["exact"] + singles["split"] <= 100
+    lines = evaluate.case_lines(cases, singles, splits)
+    assert len(lines) == len(cases) + 2 and lines[-2].startswith("single test digits, one PNG file each (20)")
+    assert lines[-1].startswith("UCI digits (13 writers, report half) read as more than one digit:")
+
