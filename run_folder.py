@@ -271,14 +271,14 @@ def load_file(path):
     """torch.load(path, weights_only=True) after checking the CRC-32 of every record in the file (torch's format
     is a zip archive; torch.load itself checks none, and would load flipped bytes as weights); failures as
     RunFolderError."""
+    hint = "" if os.path.basename(path) == RESUME else ": name a run folder or its model.pt"
     if os.path.isdir(path):
         raise RunFolderError(f"{path}: is a directory, not a checkpoint")
     if not os.path.exists(path):
         raise RunFolderError(f"{path}: no such checkpoint")
     try:
         if not zipfile.is_zipfile(path):  # torch.save's format; anything else would fail deep inside torch.load
-            raise RunFolderError(f"{path}: not a checkpoint (a model.pt written by main.py is a zip archive; this "
-                                 f"file is not): name a run folder or its model.pt")
+            raise RunFolderError(f"{path}: not a checkpoint (main.py writes zip archives; this file is not one){hint}")
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
         if damaged is not None:
@@ -291,7 +291,7 @@ def load_file(path):
         raise RunFolderError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     except Exception as e:  # torch.load raises many kinds for an archive that is not a plain checkpoint
         raise RunFolderError(f"{path}: not a checkpoint written by main.py (torch.load with weights_only=True "
-                             f"refuses it: {type(e).__name__}); name a run folder or its model.pt") from None
+                             f"refuses it: {type(e).__name__}){hint}") from None
 
 
 def load_checkpoint(path, model_name=None):

@@ -160,7 +160,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, and int("²") fails
             return self.send_json(400, {"error": f"bad Content-Length: {length!r}"}, close=True)
         if int(length) > MAX_BODY:
-            return self.send_json(413, {"error": f"the image is over {MAX_BODY:,} bytes"}, close=True)
+            return self.send_json(413, {"error": f"the image is over {MAX_BODY:,} bytes: send a smaller one (a phone "
+                                                f"photo scaled to about 1,000 px on its longer side is ~200 kB)"},
+                                  close=True)
         try:
             body = self.rfile.read(int(length))
         except TimeoutError:
