@@ -5,10 +5,26 @@ a Config asks for, as one function of a batch.
 
 Each works on a whole batch of normalised images on their device, in a few batched tensor operations.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from digit_image import MEAN, STD
+
+
+def to_device(device, t):
+    """`t`, drawn on the CPU (where the run's generator is), on `device`: a CUDA device gets it from pinned memory,
+    without the host waiting on the copy."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def constant(values, device):
+    """torch.tensor(values) on `device`, made once per device rather than copied there for every batch."""
+    return torch.tensor(values, device=device)
 
 
 def augmentation(config, generator):
@@ -47,7 +63,7 @@ def random_transform(images, generator, max_shift=2.0, max_degrees=0.0, max_scal
     zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_scale if max_scale else torch.ones(n)
     # grid_sample works in [-1, 1] coordinates: a shift of s pixels is 2s / size. An output pixel samples
     # the input at 1/zoom of its distance from the centre: the digit grows by the factor zoom.
-    cos, sin, dx, dy = (v.to(images.device)[:, None, None]  # (N, 1, 1) each
+    cos, sin, dx, dy = (to_device(images.device, v)[:, None, None]  # (N, 1, 1) each
                         for v in (torch.cos(angle) / zoom, torch.sin(angle) / zoom, 2 * shift[:, 0] / w,
                                   2 * shift[:, 1] / h))
     # The grid F.affine_grid(theta, images.shape, align_corners=False) would give, built by broadcasting:
@@ -74,7 +90,7 @@ def random_restyle(images, generator, fraction=0.5):
     ink = images * STD + MEAN  # (N, 1, H, W) in [0, 1], background 0
     thick = F.max_pool2d(ink, 3, 1, 1)
     coarse_thick = F.adaptive_avg_pool2d(thick, cells)  # (N, 1, cells, cells)
-    blur = torch.tensor([1.0, 2.0, 1.0], device=images.device)
+    blur = constant((1.0, 2.0, 1.0), images.device)
     blur = (blur[:, None] * blur[None, :] / 16).view(1, 1, 3, 3)
     styled = torch.stack([  # in the order of RESTYLES
         thick,
@@ -83,9 +99,10 @@ def random_restyle(images, generator, fraction=0.5):
         F.interpolate(F.adaptive_avg_pool2d(ink, cells), size=(h, w), mode="bilinear", align_corners=False),
         F.conv2d(thick, blur, padding=1),
     ])  # (len(RESTYLES), N, 1, H, W)
-    out = styled[pick.to(images.device), torch.arange(n, device=images.device)]  # (N, 1, H, W)
+    out = styled[to_device(images.device, pick), torch.arange(n, device=images.device)]  # (N, 1, H, W)
     out = out / out.amax((1, 2, 3), keepdim=True).clamp_(min=1e-6)
-    return torch.where(change.to(images.device)[:, None, None, None], (out - MEAN) / STD, images)  # the rest as given
+    changed = to_device(images.device, change)[:, None, None, None]
+    return torch.where(changed, (out - MEAN) / STD, images)  # the rest as given
 
 
 def _stroke(h, w, start, end, radius):
@@ -116,7 +133,7 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     n, _, h, w = images.shape
     device = images.device
     # Eight draws for every digit, used or not: the stream does not depend on the batch's labels.
-    draws = torch.rand(n, 8, generator=generator).to(device)
+    draws = to_device(device, torch.rand(n, 8, generator=generator))
     ones, nines = (labels == 1) & (draws[:, 0] < fraction), (labels == 9) & (draws[:, 0] < fraction)
     chosen = (ones | nines).nonzero()[:, 0]  # only these are drawn on: about a tenth of a batch at fraction 0.5
     if len(chosen) == 0:
@@ -145,7 +162,7 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     tail_reach = height * (0.3 + 0.25 * length)
     flag = _stroke(h, w, top_end, top_end + torch.stack([-reach * torch.cos(down), reach * torch.sin(down)], -1),
                    radius)
-    half_foot = (height * (0.15 + 0.15 * foot_length))[:, None] * torch.tensor([1.0, 0.0], device=device)
+    half_foot = (height * (0.15 + 0.15 * foot_length))[:, None] * constant((1.0, 0.0), device)
     flagged = torch.maximum(ink, flag)
     flagged = torch.where((foot < 0.5)[:, None, None],
                           torch.maximum(flagged, _stroke(h, w, bottom_end - half_foot, bottom_end + half_foot,

@@ -212,7 +212,7 @@ def race(args):
     print(f"torch {torch.__version__}, {device} ({where}), seeds {args.seeds}, one epoch of "
           f"{len(data['train'][1]):,} images each; loading the data onto the device took {loading:.2f} s "
           f"(excluded below; add it once for a run's wall time)")
-    warm = {"train": tuple(t[:2560] for t in data["train"]), "test": data["test"]}
+    warm = {"train": tuple(t[:2560] for t in data["train"]), "val": None, "test": data["test"]}
     public_one_epoch(warm, 0, device)  # untimed warm-ups: no variant pays for the first kernels
     for r in args.recipes:
         recipe_one_epoch(r, warm, 0, device)
