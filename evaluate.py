@@ -105,8 +105,20 @@ def case_lines(cases, singles, splits):
     return lines
 
 
+def not_digit_lines(result):
+    """What `evaluate --not-digits` prints of reader.score_not_digits: one line per family, the held-out ones marked."""
+    import not_digits
+    lines = ["images that hold no digit, read through predict's path (AUROC: against MNIST test digits, by the "
+             "least sure digit's probability):"]
+    for family, r in result.items():
+        held = " (held out)" if family in not_digits.HELD_OUT else ""
+        lines.append(f"  {family}{held}, {r['images']:,}: {r['answered']:.1f}% answered as digits, their mean "
+                     f"confidence {r['confidence']:.1f}%, AUROC {r['auroc']:.1f}%")
+    return lines
+
+
 def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, uci_digits=False,
-                      numbers=0, log=print, progress=True):
+                      numbers=0, not_digits=False, log=print, progress=True):
     """Yield what `python main.py evaluate` prints for the checkpoint at `path`: what it is, its figures on
     `split` as its run scored them (evaluation_lines), then the UCI digits and `numbers` numbers when asked.
     `data_dir` None: where the run found MNIST."""
@@ -123,3 +135,5 @@ def evaluation_report(path, model, checkpoint, split="test", device="auto", data
         yield from case_lines(reader.score_number_cases(model, tta, config.data_dir, progress=progress),
                               reader.score_single_digits(model, tta, config.data_dir, progress=progress),
                               reader.score_uci_splits(model, tta, progress=progress))
+    if not_digits:
+        yield from not_digit_lines(reader.score_not_digits(model, tta, config.data_dir, progress=progress))

@@ -166,11 +166,16 @@ def evaluate_command(argv):
                         "left out) through predict's path: exact numbers by length and by gap; then 500 numbers of "
                         "each harder case (overlapping, touching, broken strokes), every test digit as a file of "
                         "its own, and how many of other writers' digits are read as several")
+    p.add_argument("--not-digits", action="store_true",
+                   help="also read 200 images of each kind that holds no digit (letters, symbols, scribbles, shapes, "
+                        "blots, parts of digits; drawn from a fixed seed with Debian's DejaVu and Liberation fonts): "
+                        "how many are answered as digits, and how surely against test digits (AUROC)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for the UCI digits and numbers")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
     for line in evaluate.evaluation_report(path, model, checkpoint, args.split, args.device, args.data_dir,
-                                           uci_digits=args.uci_digits, numbers=args.numbers, log=say,
+                                           uci_digits=args.uci_digits, numbers=args.numbers,
+                                           not_digits=args.not_digits, log=say,
                                            progress=not args.no_progress):
         say(line)
     return 0

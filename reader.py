@@ -11,6 +11,7 @@ import io
 import json
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -139,6 +140,41 @@ def score_uci_splits(model, tta, half="report", data_dir="./data", count=None, p
             _, probs = read_number(model, tta, io.BytesIO(uci_digits.png(image, form)), name="a UCI digit")
             split += len(probs) > 1
         result[form] = 100 * split / len(images)
+    return result
+
+
+def confidence_of(model, tta, png, name):
+    """How sure predict's path is of what an image file holds: the smallest top probability among the digits it
+    reads (None when it reads none: a blank image)."""
+    try:
+        _, probs = read_number(model, tta, io.BytesIO(png), name=name)
+    except digit_image.ImageError:
+        return None
+    return float(probs.max(1).min())
+
+
+def score_not_digits(model, tta, data_dir, count=200, seed=0, digits=1000, progress=False):
+    """Images that hold no digit (not_digits.FAMILIES, `count` each from `seed`) read through predict's path, against
+    MNIST's first `digits` test digits as files of their own. Returns {family: {"images", "answered" (% read as
+    digits), "confidence" (their mean), "auroc" (% chance a test digit is read more surely than one of these)}}."""
+    from sklearn.metrics import roc_auc_score
+    import not_digits
+    images, _ = data_file.read_split(data_dir, "test")
+    images = images.numpy()
+    model = as_predict_runs(model)
+    sure = [confidence_of(model, tta, composed_numbers.png(a), "a test digit") for a in images[:digits]]
+    sure = [c for c in sure if c is not None]
+    result = {}
+    for family in tqdm(not_digits.FAMILIES, desc="not digits", disable=not progress, leave=False):
+        found = [confidence_of(model, tta, png, f"an image of {family}")
+                 for png in not_digits.generate(family, count, seed, images)]
+        answered = [c for c in found if c is not None]
+        # An image read as nothing ranks below every digit: it was declined.
+        scores = [c if c is not None else -1.0 for c in found]
+        auroc = roc_auc_score([1] * len(sure) + [0] * len(scores), sure + scores)
+        result[family] = {"images": count, "answered": 100 * len(answered) / count,
+                          "confidence": 100 * float(np.mean(answered)) if answered else float("nan"),
+                          "auroc": 100 * auroc}
     return result
 
 

@@ -2,6 +2,7 @@
 other writers and numbers through predict's path.
 """
 import copy
+import io
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import composed_numbers
 import data_file
 import digit_image
 import evaluate
+import not_digits
 import reader
 import run_folder
 import uci_digits
@@ -164,3 +166,25 @@ def test_evaluate_numbers_reports_every_case_through_predicts_path(untrained_fol
     assert len(lines) == len(cases) + 2 and lines[-2].startswith("single test digits, one PNG file each (20)")
     assert lines[-1].startswith("UCI digits (13 writers, report half) read as more than one digit:")
 
+
+
+def test_images_that_hold_no_digit_are_drawn_from_their_seed_in_every_family(test_digits):
+    images = test_digits[0].numpy()
+    for family in not_digits.FAMILIES:
+        pngs = not_digits.generate(family, 3, 0, images)
+        assert pngs == not_digits.generate(family, 3, 0, images), family  # the same seed, the same images
+        for png in pngs:
+            a = np.asarray(Image.open(io.BytesIO(png)))
+            assert a.shape == (not_digits.SIDE, not_digits.SIDE) and a.max() == 255  # light paper
+            assert 0 < (a < 128).mean() < 0.5, family  # some dark ink, on mostly paper
+    assert set(not_digits.HELD_OUT) < set(not_digits.FAMILIES) and len(not_digits.HELD_OUT) >= 2
+    assert not set("OoIlSZBbgq") & set(not_digits.LETTERS)  # digits in another hand are not negatives
+
+
+def test_evaluate_not_digits_reports_every_family_through_predicts_path(untrained_folder):
+    model, _ = run_folder.load_checkpoint(untrained_folder / "model.pt")
+    result = reader.score_not_digits(model, False, DATA_DIR, count=3, digits=10)
+    assert list(result) == list(not_digits.FAMILIES)
+    assert all(r["images"] == 3 and 0 <= r["answered"] <= 100 and 0 <= r["auroc"] <= 100 for r in result.values())
+    lines = evaluate.not_digit_lines(result)
+    assert len(lines) == 1 + len(result) and sum("(held out)" in line for line in lines) == len(not_digits.HELD_OUT)
