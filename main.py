@@ -172,6 +172,9 @@ def evaluate_command(argv):
                         "how many are answered as digits, and how surely against test digits (AUROC)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for the UCI digits and numbers")
     args = p.parse_args(argv)
+    if args.not_digits:
+        import not_digits
+        not_digits.check_fonts()  # before minutes of scoring, not after
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
     for line in evaluate.evaluation_report(path, model, checkpoint, args.split, args.device, args.data_dir,
                                            uci_digits=args.uci_digits, numbers=args.numbers,

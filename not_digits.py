@@ -46,6 +46,13 @@ def font(kind, index, size):
                         f"(apt-get install fonts-dejavu-core fonts-liberation)") from None
 
 
+def check_fonts():
+    """A FontError naming the package to install, before any work, when a font the letters need is missing."""
+    for kind, paths in FONTS.items():
+        for index in range(len(paths)):
+            font(kind, index, 12)
+
+
 def text_image(text, kind, rng):
     """One character in a font of `kind`, 55-85% of the image tall, turned by up to 10 degrees, off-centre."""
     image = Image.new("L", (SIDE, SIDE), 0)

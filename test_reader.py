@@ -13,11 +13,12 @@ import composed_numbers
 import data_file
 import digit_image
 import evaluate
+import main
 import not_digits
 import reader
 import run_folder
 import uci_digits
-from conftest import DATA_DIR, digit_tensor, png_claiming_size, predicted, run_cli
+from conftest import DATA_DIR, digit_tensor, in_process, one_line_error, png_claiming_size, predicted, run_cli
 
 
 
@@ -188,3 +189,11 @@ def test_evaluate_not_digits_reports_every_family_through_predicts_path(untraine
     assert all(r["images"] == 3 and 0 <= r["answered"] <= 100 and 0 <= r["auroc"] <= 100 for r in result.values())
     lines = evaluate.not_digit_lines(result)
     assert len(lines) == 1 + len(result) and sum("(held out)" in line for line in lines) == len(not_digits.HELD_OUT)
+
+
+def test_evaluate_not_digits_without_the_fonts_says_what_to_install_before_any_work(monkeypatch, capsys, tmp_path):
+    # A machine without Debian's fonts (Pillow also looks for a font's file name in the system's font folders).
+    monkeypatch.setattr(not_digits, "FONTS", {"sans": ("none/NoSuchSans.ttf",), "serif": ("none/NoSuchSerif.ttf",)})
+    r = in_process(main.main, ["evaluate", str(tmp_path / "none.pt"), "--not-digits"], capsys)
+    assert one_line_error(r) and "fonts-dejavu-core fonts-liberation" in r.stderr  # before the checkpoint is read
+
