@@ -35,15 +35,16 @@ def as_predict_runs(model):
 
 
 def probabilities(model, digits, tta=False):
-    """The probabilities (N, 10), numpy, of digits prepared by digit_image (numpy (N, 28, 28)), the model on the
-    CPU in eval mode; with tta, averaged over each digit and its four one-pixel shifts."""
-    return model_train.log_probabilities(model, torch.from_numpy(digits)[:, None], tta).exp().numpy()
+    """The probabilities (N, 10), numpy, of digits prepared by digit_image (numpy (N, 28, 28)), the model in eval
+    mode (predict's on the CPU: as_predict_runs); with tta, averaged over each digit and its four one-pixel shifts."""
+    images = torch.from_numpy(digits)[:, None].to(next(model.parameters()).device)
+    return model_train.log_probabilities(model, images, tta).exp().cpu().numpy()
 
 
 def digit_reader(model, checkpoint):
     """probabilities of a loaded checkpoint's network as a function of the digits, with TTA when its run was
     scored with it: what a serve.Predictor answers with."""
-    tta = checkpoint_tta(checkpoint)
+    tta, model = checkpoint_tta(checkpoint), as_predict_runs(model)
     return lambda digits: probabilities(model, digits, tta)
 
 

@@ -574,11 +574,15 @@ def test_report_of_a_missing_folder_or_of_no_runs_is_a_one_line_error(tmp_path, 
 
 @pytest.mark.slow
 def test_checkpoint_loads_with_weights_only_and_scores_the_same(net_1epoch_run, net_1epoch_checkpoint, mnist):
-    _, model, metrics = net_1epoch_run
-    checkpoint = torch.load(net_1epoch_checkpoint, weights_only=True)
+    config, model, metrics = net_1epoch_run
+    checkpoint = torch.load(net_1epoch_checkpoint, weights_only=True)  # on a GPU machine too: CPU tensors
     assert checkpoint["model_name"] == "net" and checkpoint["config"]["batch_size"] == 10
+    assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
     fresh, _ = run_folder.load_checkpoint(net_1epoch_checkpoint, "net")
-    assert model_train.measure(fresh, *mnist["test"])["acc"] == metrics["test_acc"]
+    device = torch.device(metrics["device"])  # scored where the run recorded its figure, with the same kernels
+    with model_train.kernels(config, device):
+        scored = model_train.measure(fresh.to(device), *(t.to(device) for t in mnist["test"]))
+    assert scored["acc"] == metrics["test_acc"]
     # no temporary files left beside the results
     assert sorted(os.listdir(net_1epoch_checkpoint.parent)) == ["confusion.png", "curves.png", "metrics.json",
                                                            "mistakes.png", "model.pt"]
