@@ -82,7 +82,7 @@ def random_restyle(images, generator, fraction=0.5):
     from `generator`; the rest untouched. Other pens draw thicker strokes (a 3x3 max filter; a thinner one would
     erase MNIST's 2-pixel strokes) and softer edges (a 3x3 blur); scans and small bitmaps (the UCI digits are
     8x8 cells) arrive coarse: the digit counted down to 10-12 cells across and scaled back up. Each changed
-    image is rescaled to a maximum ink of 1, as digit_from_image rescales what it is given."""
+    image is rescaled to a maximum ink of 1, as digit_image.read_digit rescales what it is given."""
     n, _, h, w = images.shape
     pick = torch.randint(len(RESTYLES), (n,), generator=generator)
     cells = torch.randint(10, 13, (1,), generator=generator).item()  # one coarseness per batch: batched resizes

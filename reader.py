@@ -1,5 +1,5 @@
 """Reading digits and numbers from image files with a trained network: what `predict`, the server and
-`evaluate --uci-digits / --numbers` answer, all through one path.
+`evaluate --uci-digits / --numbers / --not-digits` answer, all through one path.
 
 An image is cut into digits and each prepared as MNIST's were by digit_image.py (numpy and Pillow, shared with
 the torch-free server); here the network reads them, one batch per image, with test-time augmentation when the
@@ -18,8 +18,8 @@ from tqdm import tqdm
 import composed_numbers
 import data_file
 import digit_image
-import uci_digits
 import model_train
+import uci_digits
 
 
 def checkpoint_tta(checkpoint):
