@@ -85,7 +85,7 @@ ONE_EPOCH_VARIANTS = {r: (recipes.recipe_config(r), {}) for r in ("net-1epoch", 
 def run(variant, steps, seed, data_dir, train, order):
     """Train `steps` batches from seed `seed` in `order`; return (seconds per step, final state_dict)."""
     fast = variant == "fast"
-    recipe = recipes.recipe_config("net-1epoch", exact=not fast)
+    recipe = recipes.recipe_config("net-1epoch", kernels="fast" if fast else "exact")
     with model_train.kernels(recipe, CPU):
         torch.manual_seed(seed)
         model = build_model(recipe.model)
@@ -195,8 +195,8 @@ def public_one_epoch(data, seed, device=CPU):
 def recipe_one_epoch(recipe, data, seed, device=CPU):
     """(seconds of its training loop, test accuracy) of one of our recipes, as main.py trains it (its last step
     reads the accuracy back, so a GPU's seconds include all its work)."""
-    config = recipes.recipe_config(recipe, seed=seed, device=device.type)
-    _, metrics = model_train.train(config, log=lambda *a: None, data=data, progress=False)
+    config = recipes.recipe_config(recipe, seed=seed)
+    _, metrics = model_train.train(config, log=lambda *a: None, data=data, progress=False, device=device.type)
     return metrics["train_seconds"], metrics["test_acc"]
 
 
@@ -361,13 +361,13 @@ def gpu_check(args):
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     if not passed["pytest"]:
         print("\n".join(suite.stdout.splitlines()[-40:]))
-    config = recipes.recipe_config("ressenet-8epoch", seed=1, device="cuda", data_dir=args.data_dir)
+    config = recipes.recipe_config("ressenet-8epoch", seed=1, data_dir=args.data_dir)
     data = data_file.load_mnist(args.data_dir, val_size=config.val_size, split_seed=config.seed, device=device)
     quiet = lambda *a: None  # noqa: E731
     same = lambda a, b: (all(torch.equal(v, b[0].state_dict()[k]) for k, v in a[0].state_dict().items()) and
                          without_seconds(a[1]) == without_seconds(b[1]))
-    first = model_train.train(config, log=quiet, data=data, progress=False)
-    second = model_train.train(config, log=quiet, data=data, progress=False)
+    first = model_train.train(config, log=quiet, data=data, progress=False, device="cuda")
+    second = model_train.train(config, log=quiet, data=data, progress=False, device="cuda")
     passed["bit for bit"] = same(first, second)
     print(f"{config.recipe} twice from seed 1: test {first[1]['test_acc']:.2f}% / {second[1]['test_acc']:.2f}%, "
           f"bit for bit: {passed['bit for bit']}", flush=True)
@@ -376,11 +376,11 @@ def gpu_check(args):
             run_folder.save_resume(folder, dataclasses.asdict(config), config.model, state, config.data_dir)
             raise KeyboardInterrupt
         try:
-            model_train.train(config, log=quiet, data=data, progress=False, on_epoch=stop)
+            model_train.train(config, log=quiet, data=data, progress=False, on_epoch=stop, device="cuda")
         except KeyboardInterrupt:
             pass
         state = run_folder.load_resume(folder)["state"]
-    resumed = model_train.train(config, log=quiet, data=data, progress=False, resume=state)
+    resumed = model_train.train(config, log=quiet, data=data, progress=False, resume=state, device="cuda")
     passed["resumed"] = same(first, resumed)
     print(f"interrupted after epoch 1, resume.pt written and read, resumed: bit for bit: {passed['resumed']}",
           flush=True)

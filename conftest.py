@@ -81,10 +81,10 @@ def test_digits():
     return data_file.read_split(DATA_DIR, "test")
 
 
-def train_recipe(recipe, **overrides):
+def train_recipe(recipe, device="auto", dry_run=False, **overrides):
     """(config, model, metrics) of a recipe trained by model_train.train, as main.py trains it."""
     config = recipes.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
-    return config, *model_train.train(config, log=quiet, progress=False)
+    return config, *model_train.train(config, log=quiet, progress=False, device=device, dry_run=dry_run)
 
 
 def small_split(mnist, n_train=1536, n_val=512):

@@ -19,14 +19,14 @@ class NoValidationSplit(UserError):
     """A run that held out no validation split was asked to score one."""
 
 
-def rescore(model, config, split="test", log=print):
+def rescore(model, config, split="test", log=print, device="auto"):
     """Score a trained network again, as its run scored it: the test set or the validation split the run held
     out (rebuilt from config.seed and config.val_size), with the kernels and memory layout training used,
     single-view and, when config.tta, with TTA. Returns score()'s figures without a prefix ("acc", "loss",
     "acc_tta", ...), the confusion matrix of the prediction the run is scored on, and "images"."""
     if split == "val" and not config.val_size:
         raise NoValidationSplit("this run held out no validation split (its val_size is 0); score --split test")
-    device = model_train.pick_device(config.device)
+    device = model_train.pick_device(device)
     data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed, device=device,
                                 log=log)
     images, labels = data[split]
@@ -41,10 +41,10 @@ def per_class_accuracy(confusion):
     return [100 * row[d] / sum(row) if sum(row) else float("nan") for d, row in enumerate(confusion)]
 
 
-def evaluation_lines(model, config, split, recorded, log=print):
+def evaluation_lines(model, config, split, recorded, log=print, device="auto"):
     """What `python main.py evaluate` prints of rescore: accuracy and loss (single-view, and with TTA when
     the run used it), per-class accuracy and, for the test set, what the run recorded in `recorded` (metrics)."""
-    result = rescore(model, config, split, log=log)
+    result = rescore(model, config, split, log=log, device=device)
     name = {"test": "test set", "val": "validation split"}[split]
     views = ["", "_tta"] if config.tta else [""]
     lines = [f"{name}, {result['images']:,} images: " + ", ".join(
@@ -122,11 +122,13 @@ def evaluation_report(path, model, checkpoint, split="test", device="auto", data
     """Yield what `python main.py evaluate` prints for the checkpoint at `path`: what it is, its figures on
     `split` as its run scored them (evaluation_lines), then the UCI digits and `numbers` numbers when asked.
     `data_dir` None: where the run found MNIST."""
-    config = recipes.config_from_dict(checkpoint.get("config") or {"model": checkpoint["model_name"]})
-    config = dataclasses.replace(config, device=device, data_dir=data_dir or config.data_dir)
+    stored, recorded = checkpoint.get("config") or {"model": checkpoint["model_name"]}, checkpoint.get("metrics") or {}
+    config = recipes.config_from_dict(stored)
+    config = dataclasses.replace(config, data_dir=data_dir or config.data_dir)
+    dry = recorded.get("dry_run") or stored.get("dry_run")  # the config held it before 2026-12-07
     yield (f"{path}: {checkpoint['model_name']} ({count_parameters(model):,} parameters), recipe "
-           f"{config.recipe}, seed {config.seed}{', a dry run' if config.dry_run else ''}")
-    yield from evaluation_lines(model, config, split, checkpoint.get("metrics") or {}, log=log)
+           f"{config.recipe}, seed {config.seed}{', a dry run' if dry else ''}")
+    yield from evaluation_lines(model, config, split, recorded, log=log, device=device)
     tta = reader.checkpoint_tta(checkpoint)
     if uci_digits:
         yield from uci_lines(path, model, tta, config.data_dir, progress)

@@ -49,12 +49,14 @@ def build_parser(shown=None):
     # --help is read with the rest, so that it shows the values of the recipe named anywhere on the line.
     p.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
     recipes.add_config_flags(p, shown)
-    # The run's own flags: where it is written and how it is shown, none of them part of its config.
+    # The run's own flags: where it trains, where it is written and how it is shown, none of them in its config.
+    p.add_argument("--device", choices=recipes.DEVICES, default="auto",
+                   help="where to train: auto is torch's current accelerator, else the CPU (default: auto)")
     p.add_argument("--no-accel", dest="device", action="store_const", const="cpu", default=argparse.SUPPRESS,
                    help="the same as --device cpu")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="go on with an interrupted multi-epoch run from its last finished epoch, with its stored "
-                        "config (no other training flags but --data-dir)")
+                        "config (no other training flags but --data-dir and --device)")
     p.add_argument("--dry-run", action="store_true",
                    help="one epoch of five batches and small evaluations, to check the pipeline; writes nothing "
                         "unless --out-dir is given")
@@ -95,12 +97,13 @@ def run(args):
         run = run_folder.Run.resume(args.resume, getattr(args, "data_dir", None), save_model=not args.no_save_model,
                                     log=say)
     else:
-        run = run_folder.Run.new(recipes.config_from_flags(args, dry_run=args.dry_run), args.out_dir,
-                                 save_model=not args.no_save_model, log=say)
-    model_train.pick_device(run.config.device)  # an unavailable device is refused before anything is written
+        run = run_folder.Run.new(recipes.config_from_flags(args), args.out_dir, save_model=not args.no_save_model,
+                                 log=say, dry_run=args.dry_run)
+    model_train.pick_device(args.device)  # an unavailable device is refused before anything is written
     with run:
         model, metrics = model_train.train(run.config, log=say, progress=not args.no_progress,
-                                           on_epoch=run.on_epoch, resume=run.state)
+                                           on_epoch=run.on_epoch, resume=run.state, device=args.device,
+                                           dry_run=args.dry_run)
         import plots  # only now, once training has let go of its working memory: matplotlib adds ~50 MB
         run.finish(model, metrics, draw=plots.save_plots)
     return 0

@@ -47,7 +47,7 @@ def available_devices():
 
 
 def pick_device(name="auto"):
-    """torch.device for a Config.device: auto is torch's current accelerator, else the CPU."""
+    """torch.device for a --device: auto is torch's current accelerator, else the CPU."""
     available = available_devices()
     if name == "auto":
         return torch.device(available[-1])
@@ -58,7 +58,7 @@ def pick_device(name="auto"):
 
 def small_ops(config):
     """Whether the config trains `net` at a batch under SMALL_BATCH, on the fast path."""
-    return not config.exact and config.model == "net" and config.batch_size < SMALL_BATCH
+    return config.kernels != "exact" and config.model == "net" and config.batch_size < SMALL_BATCH
 
 
 CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace that makes its matmuls repeatable (CUDA's reproducibility notes)
@@ -67,9 +67,9 @@ CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace that makes its matmuls repe
 def cuda_settings(config):
     """What a run on CUDA sets so that the same seed gives the same numbers: deterministic algorithms (warning,
     not failing, where torch has none), cuDNN's deterministic kernels without autotuning, the cuBLAS workspace,
-    and TensorFloat-32 off unless config.tf32 asks for it (TF32 rounds matmuls and convolutions to 10 bits)."""
+    and TensorFloat-32 off unless config.kernels asks for it (TF32 rounds matmuls and convolutions to 10 bits)."""
     return {"deterministic_algorithms": True, "cudnn_deterministic": True, "cudnn_benchmark": False,
-            "tf32": config.tf32, "CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE}
+            "tf32": config.kernels == "tf32", "CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE}
 
 
 @contextlib.contextmanager
@@ -110,22 +110,25 @@ def kernels(config, device):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[8]
 
 
+SGD_MOMENTUM = 0.9  # --optimizer sgd: the <20k reference's own training
+
+
 def make_optimizer(model, config, total_steps, fused):
     """The config's optimizer and its schedule over `total_steps` batches: (optimizer, scheduler).
 
-    Adam (AdamW when the config has weight decay) or SGD with momentum; OneCycleLR, or a constant rate.
-    fused=True uses the single-kernel Adam, which rounds differently from torch's default implementation.
+    Adam (AdamW when the config has weight decay) under OneCycleLR, or SGD with momentum SGD_MOMENTUM at a
+    constant rate (the <20k reference's own training). fused=True uses the single-kernel Adam, which rounds
+    differently from torch's default implementation.
     """
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), config.max_lr, momentum=config.momentum,
+        optimizer = torch.optim.SGD(model.parameters(), config.max_lr, momentum=SGD_MOMENTUM,
                                     weight_decay=config.weight_decay)
-    elif config.weight_decay:
+        return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    if config.weight_decay:
         optimizer = torch.optim.AdamW(model.parameters(), config.max_lr, weight_decay=config.weight_decay,
                                       fused=fused)
     else:
         optimizer = torch.optim.Adam(model.parameters(), config.max_lr, fused=fused)
-    if config.schedule == "constant":
-        return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     pct_start = config.pct_start
     if pct_start * total_steps == 1:
         # A warm-up of exactly one step has zero width, and OneCycleLR divides by it (e.g. the 8-epoch
@@ -145,13 +148,13 @@ def build_for(config, device, **model_kwargs):
 def place(model, config, device):
     """`model` on `device` in the memory layout `config` trains it in (build_for), e.g. a loaded checkpoint."""
     model = model.to(device)
-    if not config.exact and device.type == "cpu" and not small_ops(config):
+    if config.kernels != "exact" and device.type == "cpu" and not small_ops(config):
         # oneDNN skips a layout reorder around every convolution: ~10% faster at batch 128 on 2 cores.
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def train(config, log=print, data=None, progress=True, on_epoch=None, resume=None):
+def train(config, log=print, data=None, progress=True, on_epoch=None, resume=None, device="auto", dry_run=False):
     """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
 
     `data` is what data_file.load_mnist returns, for callers that train many times on the same split (moved to
@@ -160,23 +163,25 @@ def train(config, log=print, data=None, progress=True, on_epoch=None, resume=Non
     the weights (moving_average). `on_epoch(state)` is called after every epoch of a multi-epoch run with the
     state to resume from: the weights, optimizer, scheduler, the random generators and the epoch rows so far.
     `resume` is such a state: training goes on after its last epoch, the random draws where they stopped.
+    `device`: where to train (auto: torch's current accelerator, else the CPU). `dry_run`: one epoch of five
+    batches and one evaluation batch per split, to check the pipeline.
     """
     torch.manual_seed(config.seed)  # before anything random: model init, dropout, data order
-    device = pick_device(config.device)
+    device = pick_device(device)
     with kernels(config, device):
-        return run_epochs(config, device, log, data, progress, on_epoch, resume)
+        return run_epochs(config, device, log, data, progress, on_epoch, resume, dry_run)
 
 
-def run_epochs(config, device, log, data, progress, on_epoch, resume):
+def run_epochs(config, device, log, data, progress, on_epoch, resume, dry_run):
     """train's body, inside its kernel settings."""
-    fast = not config.exact
+    fast = config.kernels != "exact"
     if data is None:
         data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed,
                                     device=device, log=log)
     (x_train, y_train), val, (x_test, y_test) = (split and tuple(t.to(device) for t in split)
                                                  for split in (data["train"], data["val"], data["test"]))
     epochs = config.epochs
-    if config.dry_run:  # one epoch of five batches, and one evaluation batch per split
+    if dry_run:  # one epoch of five batches, and one evaluation batch per split
         epochs = 1
         x_train, y_train = x_train[:5 * config.batch_size], y_train[:5 * config.batch_size]
         x_test, y_test = x_test[:EVAL_BATCH], y_test[:EVAL_BATCH]
@@ -205,7 +210,7 @@ def run_epochs(config, device, log, data, progress, on_epoch, resume):
     for epoch in range(len(history) + 1, epochs + 1):
         batches = data_file.batches(x_train, y_train, config.batch_size, generator)
         # The last clean_epochs fit the digits as they are (the dry run's one epoch keeps its augmentation).
-        clean = epoch > epochs - config.clean_epochs and not config.dry_run
+        clean = epoch > epochs - config.clean_epochs and not dry_run
         row = train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch, clip_grad=config.clip_grad,
                               augment=None if clean else augmenter, label_smoothing=config.label_smoothing,
                               desc=f"epoch {epoch}", progress=progress, ema=ema)
@@ -220,6 +225,7 @@ def run_epochs(config, device, log, data, progress, on_epoch, resume):
     metrics = {
         "recipe": config.recipe, "model": config.model, "parameters": params, "seed": config.seed,
         "device": str(device), "torch": str(torch.__version__),  # a plain str: loadable with weights_only
+        "dry_run": dry_run,
         "threads": torch.get_num_threads(), "fast_path": fast, "epochs": history, "kept_epoch": epochs,
         "train_acc": history[-1]["train_acc"], **test, "train_seconds": sum(r["seconds"] for r in history),
     }

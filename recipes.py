@@ -55,16 +55,17 @@ def setting(default, help, check=None, choices=None, flags=None, cli=True):
 @dataclasses.dataclass
 class Config:
     """Every value one training run depends on; a recipe is a named set of them (RECIPES). Each field is also
-    the command-line flag of the same name (main.py builds the parser from these fields)."""
+    the command-line flag of the same name (main.py builds the parser from these fields). Where the run trains
+    (--device) and whether it is a dry run are the run's, not its config's: they change no figure it is meant to
+    reach."""
     recipe: str = setting("net-1epoch", "the recipe these values started from", cli=False)
     model: str = setting("net", "network to train", choices=tuple(sorted(MODELS)))
     dropout: float = setting(0.005, "dropout probability of the network", "fraction_or_zero")
     epochs: int = setting(1, "number of epochs", "positive")
     batch_size: int = setting(10, "training batch size", "positive")
-    optimizer: str = setting("adam", "adam (AdamW with --weight-decay) or sgd", choices=("adam", "sgd"))
-    momentum: float = setting(0.9, "SGD momentum", "non_negative")
-    schedule: str = setting("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
-    max_lr: float = setting(0.005, "OneCycleLR peak learning rate (the rate itself with --schedule constant)",
+    optimizer: str = setting("adam", "adam: Adam (AdamW with --weight-decay) under OneCycleLR; sgd: SGD with momentum "
+                                     "0.9 at the constant rate --max-lr", choices=("adam", "sgd"))
+    max_lr: float = setting(0.005, "OneCycleLR peak learning rate (the rate itself with --optimizer sgd)",
                             "positive", flags=("--max-lr", "--lr"))
     pct_start: float = setting(0.1, "OneCycleLR fraction of steps spent warming up", "fraction")
     div_factor: float = setting(1.0, "OneCycleLR: initial lr = max-lr / div-factor", "positive")
@@ -88,11 +89,10 @@ class Config:
     tta: bool = setting(False, "also score validation and test (and predict) on the softmax averaged over the "
                                "image and its four one-pixel shifts")
     seed: int = setting(1, "random seed", "seed")
-    exact: bool = setting(False, "torch's default kernels (default Adam, oneDNN) instead of the faster fused Adam")
-    tf32: bool = setting(False, "on CUDA, TensorFloat-32 matmuls and convolutions: faster, rounded to 10 bits")
-    device: str = setting("auto", "where to train: auto is torch's current accelerator, else the CPU",
-                          choices=DEVICES)
-    dry_run: bool = setting(False, "one epoch of five batches and one evaluation batch per split", cli=False)
+    kernels: str = setting("fast", "fast: fused Adam, and on the CPU the convolutions each network is fastest with; "
+                                   "exact: torch's default kernels throughout; tf32: fast, with TensorFloat-32 "
+                                   "matmuls and convolutions on CUDA (rounded to 10 bits)",
+                           choices=("fast", "exact", "tf32"))
     data_dir: str = setting("./data", "where MNIST is kept (fetched if missing)")
 
 
@@ -123,7 +123,7 @@ RECIPES = {
     # The <20k reference's own training on our network: SGD at a constant 0.05 with momentum 0.9, batch 128, 19 epochs,
     # nothing else (no augmentation, label smoothing, weight decay or clipping).
     "ressenet-sgd-19epoch": dict(model="ressenet", dropout=0.1, epochs=19, batch_size=128, optimizer="sgd",
-                                 momentum=0.9, schedule="constant", max_lr=0.05, clip_grad=0.0, val_size=10_000),
+                                 max_lr=0.05, clip_grad=0.0, val_size=10_000),
     # The most accurate single epoch: a wider ressenet on the central 24x24 at batch 24 (more steps).
     "ressenet-wide-1epoch": dict(ONE_PASS, model="ressenet-wide", batch_size=24, max_lr=0.0075, dropout=0.1),
     # The fastest to 99% in one epoch (benchmark.py --suite race): the central 22x22 at batch 128.
@@ -198,7 +198,10 @@ def retired_config(name):
 
 def config_from_dict(stored):
     """The Config stored in a run folder or checkpoint (dataclasses.asdict of one); keys it does not know are
-    ignored, so a checkpoint written before a setting existed loads with that setting's default."""
+    ignored, so a checkpoint written before a setting existed loads with that setting's default. Before
+    2026-12-07 the kernels were two switches (exact, tf32): read as the choice they made."""
+    if "kernels" not in stored and (stored.get("exact") or stored.get("tf32")):
+        stored = {**stored, "kernels": "exact" if stored.get("exact") else "tf32"}
     return Config(**{f.name: stored[f.name] for f in dataclasses.fields(Config) if f.name in stored})
 
 
@@ -254,8 +257,7 @@ def given_fields(args):
     return {name: getattr(args, name) for name in sorted(names) if hasattr(args, name)}
 
 
-def config_from_flags(args, **run):
-    """The training config: the recipe the flags name (net-1epoch when none), the given flags over its values,
-    then `run` (e.g. dry_run=True)."""
+def config_from_flags(args):
+    """The training config: the recipe the flags name (net-1epoch when none), the given flags over its values."""
     given = given_fields(args)
-    return recipe_config(given.pop("recipe", "net-1epoch"), **given, **run)
+    return recipe_config(given.pop("recipe", "net-1epoch"), **given)

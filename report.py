@@ -91,7 +91,7 @@ def classify(folder):
         return "unreadable runs", None
     if not isinstance(run.get("config"), dict):
         return "folders that are not runs", None
-    if run["config"].get("dry_run"):
+    if run.get("dry_run") or run["config"].get("dry_run"):  # the config held it before 2026-12-07
         return "dry runs", run
     return ("finished" if "test_acc" in run and "train_seconds" in run else "unfinished runs"), run
 

@@ -335,9 +335,9 @@ class Run:
         self.created = []
 
     @classmethod
-    def new(cls, config, out_dir=None, save_model=True, log=print):
+    def new(cls, config, out_dir=None, save_model=True, log=print, dry_run=False):
         """A run from the start, into out_dir (default: default_run_dir); a dry run writes only where told to."""
-        write = not config.dry_run or out_dir is not None
+        write = not dry_run or out_dir is not None
         if out_dir is None:
             out_dir = default_run_dir(config.recipe, config.seed, time.strftime("%Y%m%d-%H%M%S"))
         return cls(config, out_dir, write=write, save_model=save_model, log=log)

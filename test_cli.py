@@ -101,13 +101,13 @@ def test_every_config_field_is_a_flag_described_by_the_field(capsys):
     parser = main.build_parser()
     actions = {a.dest: a for a in parser._actions if a.option_strings[0] != "--no-accel"}
     for field in dataclasses.fields(recipes.Config):
-        assert field.name in actions, field.name  # recipe and dry_run are written by hand, the rest from the field
+        assert field.name in actions, field.name  # recipe is written by hand, the rest from the field
         if field.metadata["cli"]:
             assert actions[field.name].help == field.metadata["help"].replace("%", "%%")
     # Every value a recipe sets reaches the config through its flag, and back.
     config = recipes.recipe_config("ressenet-wide-writers-clean-30epoch")
     flags = ["--recipe", "net-1epoch", *" ".join(recipes.as_flags(
-        {k: v for k, v in dataclasses.asdict(config).items() if k not in ("recipe", "dry_run")})).split()]
+        {k: v for k, v in dataclasses.asdict(config).items() if k != "recipe"})).split()]
     assert dataclasses.replace(recipes.config_from_flags(main.parse_args(flags)), recipe=config.recipe) == config
 
 
@@ -187,7 +187,7 @@ def test_an_unavailable_device_is_refused_naming_those_there_are(tmp_path, capsy
                    capsys)
     assert one_line_error(r, code=2) and "available: cpu" in r.stderr
     assert os.listdir(tmp_path) == []
-    assert recipes.config_from_flags(main.parse_args(["--no-accel"])).device == "cpu"
+    assert main.parse_args(["--no-accel"]).device == "cpu" and main.parse_args([]).device == "auto"
 
 
 @pytest.mark.slow
@@ -498,18 +498,19 @@ def test_evaluate_without_a_checkpoint_is_a_one_line_error(tmp_path, monkeypatch
 
 
 def write_run(folder, recipe="net-1epoch", seed=1, test_acc=98.0, seconds=7.0, tta=None, ran_on="cpu",
-              finished=True, **overrides):
-    """A run folder as main.py leaves it (metrics.json only), with the given figures, trained on `ran_on`."""
+              finished=True, dry_run=False, stored=None, **overrides):
+    """A run folder as main.py leaves it (metrics.json only), with the given figures, trained on `ran_on`;
+    `stored`: keys the config of an older run folder held beside today's."""
     config = recipes.recipe_config(recipe, seed=seed, **overrides)
     folder.mkdir(parents=True)
     if not finished:
         (folder / run_folder.RESUME).write_bytes(b"")
         return
     metrics = {"recipe": recipe, "model": config.model, "parameters": 13_242, "seed": seed, "device": ran_on,
-               "torch": "2.14.1", "test_acc": test_acc, "train_seconds": seconds}
+               "torch": "2.14.1", "test_acc": test_acc, "train_seconds": seconds, "dry_run": dry_run}
     if tta is not None:
         metrics["test_acc_tta"] = tta
-    run_folder.save(str(folder), dataclasses.asdict(config), None, metrics, save_model=False)
+    run_folder.save(str(folder), {**dataclasses.asdict(config), **(stored or {})}, None, metrics, save_model=False)
 
 
 def test_report_averages_seeds_of_one_config_and_keeps_other_configs_apart(tmp_path, capsys):
@@ -555,7 +556,8 @@ def test_report_counts_a_seed_once_and_folds_the_device_asked_for_into_the_one_u
     write_run(tmp_path / "a", seed=1, test_acc=97.0)
     os.utime(tmp_path / "a" / run_folder.METRICS, (1, 1))  # the older of two runs of seed 1
     write_run(tmp_path / "b", seed=1, test_acc=98.0)
-    write_run(tmp_path / "c", seed=2, test_acc=98.2, device="cpu")  # --device cpu, where auto is the CPU too
+    # A folder from before --device left the config, run with --device cpu where auto was the CPU too.
+    write_run(tmp_path / "c", seed=2, test_acc=98.2, stored={"device": "cpu"})
     assert main.main(["report", "--csv", *sorted(str(p) for p in tmp_path.iterdir())]) == 0
     out, err = capsys.readouterr()
     rows = out.splitlines()[1:]
@@ -622,10 +624,10 @@ def test_the_shipped_reader_reads_as_the_readme_says():
     # README: test 99.61% single-view, 99.65% with TTA (AMD EPYC); 1,000 numbers 94.8% exact. Other CPUs round by a
     # few hundredths; its first 300 numbers (a fixed seed) here: 95.33%.
     model, checkpoint = run_folder.load_checkpoint(run_folder.SHIPPED)
-    config = dataclasses.replace(recipes.config_from_dict(checkpoint["config"]), data_dir=DATA_DIR, device="cpu")
+    config = dataclasses.replace(recipes.config_from_dict(checkpoint["config"]), data_dir=DATA_DIR)
     assert (config.recipe, config.seed, checkpoint["model_name"]) == ("ressenet-wide-writers-clean-30epoch", 1,
                                                                      "ressenet-wide")
-    scores = evaluate.rescore(model, config, log=quiet)
+    scores = evaluate.rescore(model, config, log=quiet, device="cpu")
     assert scores["acc"] >= 99.56 and scores["acc_tta"] >= 99.60, scores
     numbers = reader.score_numbers(model, True, DATA_DIR, count=300)
     assert numbers["exact"] >= 93.5, numbers

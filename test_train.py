@@ -25,11 +25,10 @@ from model import Net, build_model
 # default shows up here as the recipes it changes. Values not listed are Config's defaults, pinned first.
 CONFIG_DEFAULTS = {
     "recipe": "net-1epoch", "model": "net", "dropout": 0.005, "epochs": 1, "batch_size": 10,
-    "optimizer": "adam", "momentum": 0.9, "schedule": "onecycle", "max_lr": 0.005, "pct_start": 0.1,
+    "optimizer": "adam", "max_lr": 0.005, "pct_start": 0.1,
     "div_factor": 1.0, "final_div_factor": 10.0, "weight_decay": 0.0, "clip_grad": 1.0, "val_size": 0, "shift": 0.0,
     "rotate": 0.0, "scale": 0.0, "restyle": 0.0, "digit_variants": 0.0, "clean_epochs": 0, "label_smoothing": 0.0,
-    "ema": 0.0, "tta": False, "seed": 1, "exact": False, "tf32": False, "device": "auto", "dry_run": False,
-    "data_dir": "./data"}
+    "ema": 0.0, "tta": False, "seed": 1, "kernels": "fast", "data_dir": "./data"}
 RESSENET_8 = dict(model="ressenet", dropout=0.1, epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
                   final_div_factor=100.0, weight_decay=0.0005, clip_grad=0.0, val_size=10000, shift=2.0, rotate=10.0,
                   label_smoothing=0.1, tta=True)
@@ -43,7 +42,7 @@ PINNED = {
     "net-1epoch": {},
     "ressenet-8epoch": RESSENET_8,
     "ressenet-sgd-19epoch": dict(model="ressenet", dropout=0.1, epochs=19, batch_size=128, optimizer="sgd",
-                                 schedule="constant", max_lr=0.05, clip_grad=0.0, val_size=10000),
+                                 max_lr=0.05, clip_grad=0.0, val_size=10000),
     "ressenet-wide-1epoch": dict(ONE_EPOCH, model="ressenet-wide", dropout=0.1, batch_size=24, max_lr=0.0075),
     "ressenet-wide22-b128-1epoch": dict(ONE_EPOCH, model="ressenet-wide22", dropout=0.0, batch_size=128, max_lr=0.03),
     "ressenet-wide-ema-30epoch": WIDE_30,
@@ -51,6 +50,15 @@ PINNED = {
     "ressenet-micro-clean-40epoch": dict(SMALL_40, model="ressenet-micro"),
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
 }
+
+
+def test_a_config_stored_before_the_kernels_were_one_choice_reads_as_that_choice():
+    old = {**dataclasses.asdict(recipes.recipe_config("net-1epoch")), "exact": True, "tf32": False,
+           "momentum": 0.9, "schedule": "onecycle", "device": "cpu", "dry_run": False}
+    del old["kernels"]
+    assert recipes.config_from_dict(old) == recipes.recipe_config("net-1epoch", kernels="exact")
+    old["exact"] = False
+    assert recipes.config_from_dict(old) == recipes.recipe_config("net-1epoch")
 
 
 def test_config_defaults_are_pinned():
@@ -147,7 +155,7 @@ def test_cuda_runs_choose_deterministic_kernels_for_the_block_only():
         assert state() == (True, True, False, False, False, ":4096:8")
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     assert state() == before
-    with model_train.kernels(recipes.recipe_config("ressenet-8epoch", tf32=True), torch.device("cuda")):
+    with model_train.kernels(recipes.recipe_config("ressenet-8epoch", kernels="tf32"), torch.device("cuda")):
         assert state()[3:5] == (True, True)
     assert state() == before
 
