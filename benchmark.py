@@ -365,7 +365,7 @@ def gpu_check(args):
     data = data_file.load_mnist(args.data_dir, val_size=config.val_size, split_seed=config.seed, device=device)
     quiet = lambda *a: None  # noqa: E731
     same = lambda a, b: (all(torch.equal(v, b[0].state_dict()[k]) for k, v in a[0].state_dict().items()) and
-                         without_seconds(a[1]) == without_seconds(b[1]))
+                         model_train.without_timings(a[1]) == model_train.without_timings(b[1]))
     first = model_train.train(config, log=quiet, data=data, progress=False, device="cuda")
     second = model_train.train(config, log=quiet, data=data, progress=False, device="cuda")
     passed["bit for bit"] = same(first, second)
@@ -388,13 +388,6 @@ def gpu_check(args):
     race(args)
     print("PASS" if all(passed.values()) else f"FAIL: {', '.join(k for k, v in passed.items() if not v)}")
     return 0 if all(passed.values()) else 1
-
-
-def without_seconds(metrics):
-    """A run's metrics less its timings, which differ run to run."""
-    metrics = {k: v for k, v in metrics.items() if k != "train_seconds"}
-    metrics["epochs"] = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["epochs"]]
-    return metrics
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import sys
 import threading
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 import data_file
@@ -53,13 +53,6 @@ def in_process(main_function, argv, capsys):
 def one_line_error(r, code=1):
     return r.returncode == code and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1 \
         and "Traceback" not in r.stderr
-
-
-def without_timings(metrics):
-    """A run's metrics less its seconds (which differ run to run), for bit-for-bit comparisons."""
-    metrics = {k: v for k, v in metrics.items() if k != "train_seconds"}
-    metrics["epochs"] = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["epochs"]]
-    return metrics
 
 
 @pytest.fixture(scope="session", autouse=True)

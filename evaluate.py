@@ -8,6 +8,7 @@ import dataclasses
 
 import data_file
 import model_train
+import not_digits as non_digit_images
 import reader
 import recipes
 import run_folder
@@ -107,11 +108,10 @@ def case_lines(cases, singles, splits):
 
 def not_digit_lines(result):
     """What `evaluate --not-digits` prints of reader.score_not_digits: one line per family, the held-out ones marked."""
-    import not_digits
     lines = ["images that hold no digit, read through predict's path (AUROC: against MNIST test digits, by the "
              "least sure digit's probability):"]
     for family, r in result.items():
-        held = " (held out)" if family in not_digits.HELD_OUT else ""
+        held = " (held out)" if family in non_digit_images.HELD_OUT else ""
         lines.append(f"  {family}{held}, {r['images']:,}: {r['answered']:.1f}% answered as digits, their mean "
                      f"confidence {r['confidence']:.1f}%, AUROC {r['auroc']:.1f}%")
     return lines

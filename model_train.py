@@ -237,6 +237,13 @@ def run_epochs(config, device, log, data, progress, on_epoch, resume, dry_run):
     return scored, metrics
 
 
+def without_timings(metrics):
+    """A run's metrics less its seconds (which differ run to run), for bit-for-bit comparisons."""
+    metrics = {k: v for k, v in metrics.items() if k != "train_seconds"}
+    metrics["epochs"] = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["epochs"]]
+    return metrics
+
+
 def log_epoch(row, val_key, log):
     """One row of the epoch table; val_key None when the run holds out no validation split."""
     val_text = f"{row[val_key]:7.2f}%" if val_key else f"{'-':>8}"

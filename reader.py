@@ -19,6 +19,7 @@ import composed_numbers
 import data_file
 import digit_image
 import model_train
+import not_digits
 import uci_digits
 
 
@@ -158,8 +159,7 @@ def score_not_digits(model, tta, data_dir, count=200, seed=0, digits=1000, progr
     """Images that hold no digit (not_digits.FAMILIES, `count` each from `seed`) read through predict's path, against
     MNIST's first `digits` test digits as files of their own. Returns {family: {"images", "answered" (% read as
     digits), "confidence" (their mean), "auroc" (% chance a test digit is read more surely than one of these)}}."""
-    from sklearn.metrics import roc_auc_score
-    import not_digits
+    from sklearn.metrics import roc_auc_score  # scikit-learn takes a second to import: only here
     images, _ = data_file.read_split(data_dir, "test")
     images = images.numpy()
     model = as_predict_runs(model)

@@ -28,8 +28,9 @@ import recipes
 import run_folder
 import sweep
 from conftest import (DATA_DIR, HERE, in_process, one_line_error, predicted, quiet, run_cli, small_split,
-                      without_timings, write_digit_variants)
+                      write_digit_variants)
 from model import build_model
+from model_train import without_timings
 
 
 # --- flags and recipes --------------------------------------------------------------------------------------

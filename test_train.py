@@ -13,7 +13,8 @@ import data_file
 import errors
 import model_train
 import recipes
-from conftest import (DATA_DIR, quiet, small_split, train_recipe, without_timings)
+from conftest import DATA_DIR, quiet, small_split, train_recipe
+from model_train import without_timings
 from model import Net, build_model
 
 
