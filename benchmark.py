@@ -9,6 +9,7 @@ and the check of a GPU: the suite, bit for bit, and the race there.
     python benchmark.py --suite race --device cuda # the same on a GPU, synchronised
     python benchmark.py --suite gpu                # on a GPU: the tests, bit for bit twice and resumed, the race
     python benchmark.py --suite inference          # torch, onnxruntime float and int8: latency and throughput
+    python benchmark.py --suite numbers            # ms to read a 6-digit number, the shipped readers, torch and ORT
 
 --suite pipeline trains the net-1epoch recipe (batch 10, Adam + OneCycleLR, clipping) three ways from the same
 initial weights on the same shuffled order:
@@ -43,6 +44,10 @@ speed), exports it as `main.py export` does (ONNX, and int8 calibrated on traini
 ways of running it round-robin in one process: torch eager as `predict` runs it, onnxruntime float and
 onnxruntime int8, each at batch 1 (median microseconds per digit) and batch 1,000 (digits per second), with the
 ratios to torch.
+
+--suite numbers reads 6-digit numbers of test digits (0-8 px apart) from their PNG files through predict's whole
+path (digit_image.read_number) with the shipped readers, their networks run by torch and by onnxruntime (float,
+as `export` writes them), round-robin in one process: median milliseconds per number.
 """
 import argparse
 import statistics
@@ -233,7 +238,8 @@ def race(args):
 def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race", "inference", "gpu"),
+    p.add_argument("--suite", choices=("pipeline", "ressenet", "small", "one-epoch", "race", "inference", "numbers",
+                                       "gpu"),
                    default="pipeline",
                    help="which variants to time (see the top of this file)")
     p.add_argument("--steps", type=POSITIVE_INT, default=2000,
@@ -260,6 +266,8 @@ def run_suite(args):
         return race(args)
     if args.suite == "inference":
         return benchmark_inference(args)
+    if args.suite == "numbers":
+        return benchmark_numbers(args)
     train = data_file.load_mnist(args.data_dir)["train"]
     if args.suite == "ressenet":
         benchmark_recipes(args, train, SEED2_VARIANTS, SEED2_RECIPE)
@@ -317,6 +325,42 @@ def benchmark_inference(args):
         for name in runners:
             print(f"{recipe:<30} {config.model:<16} {name:<10} {1e6 * one[name]:>8.0f}us {one['torch'] / one[name]:>6.2f}x "
                   f"{many[name]:>12,.0f} {many[name] / many['torch']:>6.2f}x")
+
+
+def benchmark_numbers(args):
+    import io
+    import json
+    import tempfile
+
+    import composed_numbers
+    import digit_image
+    import export
+    import onnx_model
+    import run_folder
+    _, model, checkpoint = run_folder.load_named_checkpoint(run_folder.SHIPPED)
+    _, rows_model, _ = run_folder.load_row_reader(run_folder.SHIPPED_ROWS)
+    images, labels = (t.numpy() for t in data_file.read_split(args.data_dir, "test"))
+    pngs = [composed_numbers.png(page) for page, written, _ in composed_numbers.compose(images, labels, 300, seed=9)
+            if len(written) == 6][:40]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, network, rows in (("model.onnx", model, False), ("rows.onnx", rows_model, True)):
+            with open(f"{tmp}/{name}", "wb") as f:
+                f.write(export.onnx_bytes(reader.as_predict_runs(network), {"config": json.dumps(checkpoint["config"])},
+                                          rows=rows))
+        digits, row_reader = onnx_model.OnnxModel(f"{tmp}/model.onnx"), onnx_model.OnnxRows(f"{tmp}/rows.onnx")
+        ways = {"torch": (reader.digit_reader(model, checkpoint), reader.row_reader(rows_model)),
+                "onnxruntime": (digits.probabilities, row_reader.row_frames)}
+        times = {name: [] for name in ways}
+        for _ in range(args.rounds):
+            for name, (probabilities, rows) in ways.items():
+                start = time.perf_counter()
+                for png in pngs:
+                    digit_image.read_number(io.BytesIO(png), probabilities, rows)
+                times[name].append((time.perf_counter() - start) / len(pngs))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(pngs)} numbers of 6 test digits, "
+          f"median of {args.rounds} rounds, the shipped readers{' with TTA' if digits.tta else ''}")
+    for name, t in times.items():
+        print(f"{name:<12} {1e3 * statistics.median(t):6.1f} ms a number")
 
 
 def benchmark_pipeline(args, train):

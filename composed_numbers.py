@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 LENGTHS = range(2, 7)  # digits in a composed number
 GAPS = range(0, 9)  # pixels between neighbouring digits at MNIST's 28-px scale; 0: their boxes touch
@@ -75,3 +76,52 @@ def png(page):
     buffer = io.BytesIO()
     Image.fromarray(page, "L").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def training_row(images, labels, rng):
+    """One row of handwriting to train the row reader on, drawn from rng: (ink float32 (H, W) in [0, 1], light on
+    black, its digits as a list). 1 to 8 digits of `images` (uint8 (N, 28, 28)) as people write them: each
+    0.7-1.3 times its size, 0.85-1.15 times as wide, the row slanted by up to 0.3, strokes thickened, thinned
+    or made blocky (a small bitmap enlarged) for some rows, a third of the digits with a broken stroke; gaps from 4 px of overlap to wide (at MNIST's
+    28-px scale), each digit up or down by up to 3 px, on a baseline that drifts."""
+    length = 1 if rng.random() < 0.2 else int(rng.integers(2, 9))
+    picks = rng.integers(0, len(labels), length)
+    slant = rng.uniform(-0.3, 0.3)
+    stroke = rng.choice(["as written", "thicker", "thinner", "blocky"], p=[0.55, 0.2, 0.15, 0.1])
+    gap = int(rng.integers(-4, 11)) if rng.random() < 0.9 else int(rng.integers(10, 31))
+    drift = rng.uniform(-0.1, 0.1)
+    glyphs = []
+    for i in picks:
+        a = images[i]
+        ys, xs = np.nonzero(a)
+        crop = Image.fromarray(a[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+        size = rng.uniform(0.7, 1.3)
+        crop = crop.resize((max(1, round(crop.width * size * rng.uniform(0.85, 1.15))),
+                            max(1, round(crop.height * size))), Image.BILINEAR)
+        w, h = crop.size
+        crop = crop.transform((w + int(abs(slant) * h) + 1, h), Image.AFFINE,
+                              (1, slant, -slant * h if slant > 0 else 0, 0, 1, 0), Image.BILINEAR)
+        glyph = np.asarray(crop)
+        if stroke == "thicker":
+            glyph = ndimage.grey_dilation(glyph, size=(2, 2))
+        elif stroke == "thinner" and (glyph > 127).sum() > 60:
+            glyph = ndimage.grey_erosion(glyph, size=(2, 1))
+        elif stroke == "blocky":  # a bitmap of 8 px or so, enlarged without smoothing (UCI's digits as files)
+            cells = max(1, round(glyph.shape[0] / rng.uniform(6, 10)))
+            small = Image.fromarray(glyph).reduce(cells)
+            glyph = np.asarray(small.resize((small.width * cells, small.height * cells), Image.NEAREST))
+        if rng.random() < 1 / 3:
+            glyph = broken_stroke(glyph, rng)
+        glyphs.append(glyph)
+    gaps = [gap + int(rng.integers(-1, 2)) for _ in range(length - 1)] + [0]
+    width = 16 + sum(g.shape[1] for g in glyphs) + sum(gaps)
+    height = 16 + max(g.shape[0] for g in glyphs) + 8 + int(abs(drift) * width)
+    page = np.zeros((height, max(width, 16 + max(g.shape[1] for g in glyphs))), np.uint8)
+    x = 8
+    for g, after in zip(glyphs, gaps):
+        y = (height - g.shape[0]) // 2 + int(rng.integers(-3, 4)) + round(drift * (x - width / 2))
+        y = min(max(y, 0), height - g.shape[0])
+        window = page[y:y + g.shape[0], x:x + g.shape[1]]
+        np.maximum(window, g, out=window)
+        x = max(8, x + g.shape[1] + after)
+    return page.astype(np.float32) / max(int(page.max()), 1), [int(labels[i]) for i in picks]

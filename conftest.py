@@ -22,6 +22,7 @@ import digit_image
 import model_train
 import reader
 import recipes
+import row_train
 import run_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,10 +75,26 @@ def test_digits():
     return data_file.read_split(DATA_DIR, "test")
 
 
+def shipped_row_reader():
+    """The shipped row reader (models/rows.pt) as read_digits' row_frames: loaded once, trained by no test."""
+    global _ROWS
+    if _ROWS is None:
+        _ROWS = reader.row_reader(run_folder.load_row_reader(run_folder.SHIPPED_ROWS)[1])
+    return _ROWS
+
+
+_ROWS = None
+
+
+@pytest.fixture(scope="session")
+def rows():
+    return shipped_row_reader()
+
+
 def train_recipe(recipe, device="auto", dry_run=False, **overrides):
-    """(config, model, metrics) of a recipe trained by model_train.train, as main.py trains it."""
+    """(config, model, metrics) of a recipe trained as main.py trains it (row_train.trainer)."""
     config = recipes.recipe_config(recipe, data_dir=DATA_DIR, **overrides)
-    return config, *model_train.train(config, log=quiet, progress=False, device=device, dry_run=dry_run)
+    return config, *row_train.trainer(config)(config, log=quiet, progress=False, device=device, dry_run=dry_run)
 
 
 def small_split(mnist, n_train=1536, n_val=512):
@@ -225,7 +242,7 @@ def start_server(checkpoint):
     """serve.make_server on a free port with `checkpoint`, serving from a thread; stop it with stop_server."""
     import serve
     model, loaded = run_folder.load_checkpoint(checkpoint)
-    srv = serve.make_server(serve.Predictor(reader.digit_reader(model, loaded)), port=0)
+    srv = serve.make_server(serve.Predictor(reader.digit_reader(model, loaded), shipped_row_reader()), port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
 

@@ -204,10 +204,16 @@ def load_mnist(data_dir="./data", val_size=0, split_seed=0, device="cpu", log=pr
         x, y = splits["train"]
         if not 0 < val_size < len(y):
             raise ValueError(f"validation size must be between 1 and {len(y) - 1}, got {val_size}")
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed)).to(device)
-        val, train = perm[:val_size], perm[val_size:]
+        train, val = (i.to(device) for i in split_indices(len(y), val_size, split_seed))
         splits["train"], splits["val"] = (x[train], y[train]), (x[val], y[val])
     return splits
+
+
+def split_indices(n, val_size, split_seed):
+    """(training, validation) indices of n training images: the last n - val_size and the first val_size of a
+    permutation drawn from split_seed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return perm[val_size:], perm[:val_size]
 
 
 def batches(images, labels, batch_size, generator=None):

@@ -11,6 +11,7 @@ surest of both parts. Each digit is then prepared as MNIST's were (centred): cro
 scaled to 20 px, placed by its centre of mass in 28x28, normalised. How well numbers read: `evaluate --numbers`.
 """
 import base64
+import functools
 import io
 from dataclasses import dataclass, field
 
@@ -25,18 +26,11 @@ MAX_SIDE = 1024  # an image larger than this on its longer side is reduced while
 EXIF_ORIENTATION = 0x0112  # the tag a phone writes instead of turning the pixels
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # test-time augmentation's views of a digit: (dx, dy)
 MAX_DIGITS = 12  # a number longer than this is refused, not guessed at
-ONE_DIGIT_WIDTH = 1.1  # ink no wider than this many times its height may be one digit in pieces: the network decides
 INK = 0.2  # a pixel is ink above this share of the darkest stroke: faint noise and anti-aliasing are not
 SPECK = 0.03  # a piece with less ink than this share of the largest piece's is a speck, dropped
-PART_HEIGHT = 0.6  # a piece shorter than this share of the tallest piece may be part of its neighbour ...
-PART_GAP = 0.3  # ... when it is this close to it (a share of the tallest piece's height): the judge decides
-PART_HEIGHT_UNJUDGED = 0.45  # with no judge, a piece shorter than this share of the tallest is part of its neighbour
-PART_GAP_UNJUDGED = 0.08  # ... when it is this close to it (a share of the tallest piece's height)
-TOUCHING_WIDTH = 0.9  # a piece wider than this share of the tallest piece's height may be digits that touch ...
-SPLIT_WIDTH = 1.25  # ... and one wider than this is: the judge decides where they part
-SPLIT_WIDTH_ALONE = 2.0  # the same for the only piece in an image (a wide digit alone has no line to be measured by)
-CUTS_TRIED = 3  # the thinnest columns tried as a cut between touching digits
-SPLIT_WIDTH_UNJUDGED = 1.6  # with no judge, a piece wider than this share of the tallest is cut at its thinnest column
+ONE_DIGIT_WIDTH = 1.1  # ink no wider than this many times its height may be one digit the row reader parted
+UNSURE = 0.5  # below this top probability, a digit's reading is also the row reader's (combined)
+OWN_SHARE = 0.8  # a piece of ink with this share of its ink between one digit's partings is wholly that digit's
 
 
 class ImageError(UserError):
@@ -108,6 +102,7 @@ def ink_of(gray, name):
 
 # --- one digit as MNIST's were -----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)
 def resize_weights(n_in, n_out):
     """(n_out, n_in): the triangle filter torch's and Pillow's antialiased bilinear resize use, widened by the
     scale when reducing, each row normalised over the pixels inside the image."""
@@ -146,16 +141,59 @@ def read_digit(path, name=None, max_pixels=None):
     return centred(ink_of(read_gray(path, name, max_pixels), path if name is None else name))
 
 
+# --- a row as the row reader sees it ----------------------------------------------------------------------
+
+ROW_HEIGHT = 32  # the row reader's input height (model.RowNet) ...
+ROW_INK = 24  # ... with the row's ink scaled to this height, centred ...
+ROW_MARGIN = 8  # ... and this many blank columns before and after
+ROW_MAX_WIDTH = 1024  # a row is never scaled wider than this (a long flat stroke)
+ROW_FRAME = 2  # columns of the row per output frame of the row reader
+
+
+def row_input(ink):
+    """A line's ink (H, W) as the row reader reads it: ((ROW_HEIGHT, width) float32 normalised as MNIST's digits,
+    width even, (x0, scale)): the ink cropped to its box, scaled to ROW_INK px high, between margins; column c of
+    it is column x0 + (c - ROW_MARGIN) / scale of the ink."""
+    ys, xs = np.nonzero(ink > INK)
+    a = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float64)
+    scale = min(ROW_INK / a.shape[0], (ROW_MAX_WIDTH - 2 * ROW_MARGIN) / a.shape[1])
+    h, w = max(1, round(a.shape[0] * scale)), max(1, round(a.shape[1] * scale))
+    a = (resize_weights(a.shape[0], h) @ a @ resize_weights(a.shape[1], w).T).clip(0, 1)
+    width = w + 2 * ROW_MARGIN + (w % 2)
+    row = np.zeros((ROW_HEIGHT, width), np.float32)
+    top = (ROW_HEIGHT - h) // 2
+    row[top:top + h, ROW_MARGIN:ROW_MARGIN + w] = a
+    return ((row - MEAN) / STD).astype(np.float32), (int(xs.min()), scale)
+
+
+def greedy_digits(log_probs):
+    """The digits a row reader's frames (11, T) say, by CTC's best path (each frame's likeliest class, repeats
+    merged, blanks dropped): [(digit, first frame, last frame)] left to right."""
+    best = np.asarray(log_probs).argmax(0)
+    found = []
+    for t, c in enumerate(best.tolist()):
+        if c == 0:
+            continue
+        if t > 0 and best[t - 1] == c:
+            found[-1][2] = t
+        else:
+            found.append([c - 1, t, t])
+    return [tuple(f) for f in found]
+
+
 # --- a line of digits --------------------------------------------------------------------------------------
 
 @dataclass
 class Reading:
     """The digits found in an image, left to right: digits (N, 28, 28) normalised, boxes [x0, y0, x1, y1] in
-    the file's pixels (x1, y1 past the end), and a note when part of the image was left out."""
+    the file's pixels (x1, y1 past the end), a note when part of the image was left out, and what the row reader
+    said of each digit (row_digits)."""
     digits: np.ndarray
     boxes: list
     note: str = ""
     masks: list = field(default_factory=list, repr=False)  # each digit's ink, in the decoded image
+    row_probabilities: list = field(default_factory=list, repr=False)  # (10,) each, the row reader's own
+    cut: list = field(default_factory=list, repr=False)  # whether each digit's ink was cut from its neighbour's
 
 
 def lines_of(mask):
@@ -178,87 +216,72 @@ def lines_of(mask):
     return [tuple(b) for b in merged]
 
 
-@dataclass(frozen=True)
-class Group:
-    """Pieces of ink taken as one digit so far: their bounding box (x1, y1 past the end) and their labels."""
-    x0: int
-    x1: int
-    y0: int
-    y1: int
-    pieces: frozenset
-
-    @property
-    def width(self):
-        return self.x1 - self.x0
-
-    @property
-    def height(self):
-        return self.y1 - self.y0
-
-    def overlap(self, other):
-        """How many columns the two share; negative: the gap between them."""
-        return min(self.x1, other.x1) - max(self.x0, other.x0)
-
-    def joined(self, other):
-        return Group(min(self.x0, other.x0), max(self.x1, other.x1), min(self.y0, other.y0), max(self.y1, other.y1),
-                     self.pieces | other.pieces)
-
-
-def find_digits(ink, judge=None):
-    """The digits in one line of ink, left to right: ([boolean mask (H, W) of each digit], note). judge, given
-    prepared digits (N, 28, 28), says how sure the network is of each (N,): it decides whether neighbouring
-    pieces are one digit (a broken stroke, an open 4, a 5's flag) and whether a wide piece is digits that touch.
-    Without one, a short piece close to its neighbour is part of it and only a very wide piece is split."""
-    mask = ink > INK
-    lines, note = lines_of(mask), ""
-    if len(lines) > 1:
-        weight = [ink[top:bottom].sum() for top, bottom in lines]
-        pick = int(np.argmax(weight))
-        note = f"{len(lines)} lines of writing: read the one with the most ink (line {pick + 1} from the top)"
-        keep = np.zeros_like(mask)
-        keep[slice(*lines[pick])] = True
-        mask &= keep
+def row_digits(ink, row_frames):
+    """The digits in one line of ink as the row reader finds them, left to right: ([boolean mask (H, W) of each
+    digit], note, [the row reader's probabilities (10,) of each], [whether each was cut from a neighbour]).
+    row_frames reads a row_input (ROW_HEIGHT, W) into its frames (11, W / ROW_FRAME) of log-probabilities. Each
+    digit the frames say is there stands at the centre of its frames; neighbours part at the column of least ink
+    between their centres. A piece of ink that lies mostly (OWN_SHARE) between one digit's partings is that
+    digit's whole (a 7's bar over its neighbour, a broken stroke); a piece across a parting (digits that touch)
+    is cut there. Frames that say no digit: the ink is read as one, the row reader's probabilities even."""
+    mask, note = one_line(ink)
+    ink = ink * mask
+    row, (x0, scale) = row_input(ink)
+    frames = np.asarray(row_frames(row))
+    found = greedy_digits(frames)
+    if len(found) <= 1:
+        return [mask], note, [row_probabilities(frames, *found[0][1:]) if found else np.full(10, 0.1)], [False]
+    centres = [x0 + (a + b + 1 - ROW_MARGIN) / scale for _, a, b in found]  # frame t is row columns 2t, 2t + 1
+    columns, last = ink.sum(0), ink.shape[1] - 1
+    partings = []
+    for left, right in zip(centres, centres[1:]):  # between neighbours' centres, the middle 60%
+        lo = min(max(int(left + 0.2 * (right - left)), 1), last)
+        hi = min(max(int(np.ceil(right - 0.2 * (right - left))), lo), last)
+        middle = (left + right) / 2
+        partings.append(min(range(lo, hi + 1), key=lambda x: (columns[x], abs(x - middle))))
+    edges = [0, *partings, ink.shape[1]]
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    slot_of_column = np.searchsorted(np.asarray(partings), np.arange(ink.shape[1]), side="right")
+    masks, cut = [np.zeros_like(mask) for _ in found], [False] * len(found)
     masses = ndimage.sum_labels(ink, labels, range(1, count + 1))
-    # Each piece that is not a speck, left to right; pieces are then joined into groups of the same kind.
-    groups = [Group(s[1].start, s[1].stop, s[0].start, s[0].stop, frozenset([i + 1]))
-              for i, s in enumerate(ndimage.find_objects(labels)) if masses[i] >= SPECK * masses.max()]
-    groups.sort(key=lambda g: (g.x0 + g.x1) / 2)
-    cache = {}
-
-    def sure(sets):  # the judge's confidence in each set of pieces read as one digit, each asked once
-        new = list(dict.fromkeys(s for s in sets if s not in cache))
-        if new:
-            cache.update(zip(new, judge(np.stack([centred(own_ink(ink, np.isin(labels, list(s)))) for s in new]))))
-        return [cache[s] for s in sets]
-
-    i = 0
-    while i < len(groups) - 1:  # pieces one above the other are one digit (a 5's flag, a broken 1)
-        a, b = groups[i], groups[i + 1]
-        if a.overlap(b) >= 0.5 * min(a.width, b.width):
-            groups[i:i + 2], i = [a.joined(b)], 0
+    for k in range(1, count + 1):
+        if masses[k - 1] < SPECK * masses.max():
+            continue
+        own = labels == k
+        per_slot = np.bincount(slot_of_column, weights=(ink * own).sum(0), minlength=len(found))
+        if per_slot.max() >= OWN_SHARE * per_slot.sum():
+            masks[int(per_slot.argmax())] |= own
         else:
-            i += 1
-    tallest = max(g.height for g in groups)
-    part_height, part_gap = (PART_HEIGHT_UNJUDGED, PART_GAP_UNJUDGED) if judge is None else (PART_HEIGHT, PART_GAP)
-    while len(groups) > 1:  # then neighbours close enough to be one digit, the likeliest pair first
-        short = [g.height < part_height * tallest for g in groups]
-        pairs = [i for i, (a, b) in enumerate(zip(groups, groups[1:])) if (short[i] or short[i + 1]) and
-                 -a.overlap(b) <= part_gap * tallest and a.joined(b).width <= 1.2 * tallest]
-        if judge is None:
-            gains = [1.0] * len(pairs)
-        else:
-            c = sure([s for i in pairs for s in (groups[i].pieces, groups[i + 1].pieces,
-                                                  groups[i].pieces | groups[i + 1].pieces)])
-            gains = [c[3 * k + 2] - c[3 * k] * c[3 * k + 1] for k in range(len(pairs))]
-        if not pairs or max(gains) <= 0:
-            break
-        i = pairs[int(np.argmax(gains))]
-        groups[i:i + 2] = [groups[i].joined(groups[i + 1])]
-    masks, force = [], SPLIT_WIDTH if len(groups) > 1 else SPLIT_WIDTH_ALONE
-    for group in groups:
-        masks.extend(split_wide(np.isin(labels, list(group.pieces)), ink, judge, tallest, force))
-    return masks, note
+            for i in range(len(found)):
+                masks[i][:, edges[i]:edges[i + 1]] |= own[:, edges[i]:edges[i + 1]]
+                cut[i] |= bool(own[:, edges[i]:edges[i + 1]].any())
+    for i, m in enumerate(masks):  # a digit left with no ink takes what lies between its partings
+        if not m.any():
+            m[:, edges[i]:edges[i + 1]] = mask[:, edges[i]:edges[i + 1]]
+            cut[i] = True
+    keep = [i for i, m in enumerate(masks) if m.any()]
+    return [masks[i] for i in keep], note, [row_probabilities(frames, *found[i][1:]) for i in keep], \
+        [cut[i] for i in keep]
+
+
+def row_probabilities(frames, first, last):
+    """The row reader's probabilities (10,) of the digit it read in frames first..last: their mean, blank left out."""
+    p = np.exp(frames[1:, first:last + 1]).mean(1)
+    return p / p.sum()
+
+
+def one_line(ink):
+    """(the ink over INK in the one line of writing read, note): with several lines (lines_of), the one with the
+    most ink, and a note saying so."""
+    mask = ink > INK
+    lines = lines_of(mask)
+    if len(lines) == 1:
+        return mask, ""
+    weight = [ink[top:bottom].sum() for top, bottom in lines]
+    pick = int(np.argmax(weight))
+    keep = np.zeros_like(mask)
+    keep[slice(*lines[pick])] = True
+    return mask & keep, f"{len(lines)} lines of writing: read the one with the most ink (line {pick + 1} from the top)"
 
 
 def own_ink(ink, mask):
@@ -266,71 +289,57 @@ def own_ink(ink, mask):
     return ink * ndimage.binary_dilation(mask, np.ones((3, 3)))
 
 
-def split_wide(piece, ink, judge, tallest, force=None):
-    """A piece of ink as the digits it holds. A piece wider than TOUCHING_WIDTH x the line's tallest piece may be
-    digits that touch: it is cut at each of its CUTS_TRIED thinnest columns in turn, and kept whole unless the judge
-    is surer of both parts (the product of their confidences) than of the whole; wider than `force` x (SPLIT_WIDTH,
-    or SPLIT_WIDTH_ALONE for the only piece in the image), it is never kept whole. Each part is looked at again."""
-    force = SPLIT_WIDTH if force is None else force
-    ys, xs = np.nonzero(piece)
-    x0, x1 = xs.min(), xs.max() + 1
-    if x1 - x0 <= TOUCHING_WIDTH * tallest or x1 - x0 < 6:
-        return [piece]
-    columns = (ink * piece).sum(0)
-    inside = range(x0 + round(0.15 * (x1 - x0)), x0 + round(0.85 * (x1 - x0)))
-    centre = (x0 + x1) / 2
-    cuts = []
-    for x in sorted(inside, key=lambda x: (columns[x], abs(x + 0.5 - centre))):
-        if all(abs(x - c) >= 2 for c in cuts):
-            cuts.append(x)
-        if len(cuts) == (CUTS_TRIED if judge else 1):
-            break
-    options = []
-    for cut in cuts:
-        left, right = piece.copy(), piece.copy()
-        left[:, cut:], right[:, :cut] = False, False
-        if left.any() and right.any():
-            options.append((left, right))
-    if not options:
-        return [piece]
-    if judge is None:
-        if x1 - x0 <= SPLIT_WIDTH_UNJUDGED * tallest:
-            return [piece]
-        left, right = options[0]
-    else:
-        sure = judge(np.stack([centred(own_ink(ink, m)) for m in [piece, *(m for o in options for m in o)]]))
-        products = [sure[1 + 2 * k] * sure[2 + 2 * k] for k in range(len(options))]
-        best = int(np.argmax(products))
-        if products[best] <= sure[0] and x1 - x0 <= force * tallest:
-            return [piece]
-        left, right = options[best]
-    return split_wide(left, ink, judge, tallest) + split_wide(right, ink, judge, tallest)
-
-
-def read_digits(path, name=None, max_pixels=None, max_digits=MAX_DIGITS, judge=None):
-    """The digits written in a row in an image file, as a Reading (judge: see find_digits). An image of one
-    digit, nothing left out, reads exactly as read_digit does; more than max_digits digits is an ImageError."""
+def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, judge=None):
+    """The digits written in a row in an image file, as a Reading: found by the row reader (`rows`, see
+    row_digits), each prepared as MNIST's were. Ink no wider than ONE_DIGIT_WIDTH x its height that the row
+    reader parts is one digit if `judge` (the digit network's probabilities of prepared digits, (N, 28, 28) ->
+    (N, 10)) is surer of it whole than of the parts together. An image read as one digit, nothing left out,
+    reads exactly as read_digit does; more than max_digits digits is an ImageError."""
     name = path if name is None else name
     gray, scale = decode(path, name, max_pixels)
     ink = ink_of(gray, name)
-    masks, note = find_digits(ink, judge)
-    digits = [centred(own_ink(ink, m)) for m in masks]
+    masks, note, row_probs, cut = row_digits(ink, rows)
     ys, xs = np.nonzero(ink > INK)
     if len(masks) > 1 and not note and judge is not None and np.ptp(xs) + 1 <= ONE_DIGIT_WIDTH * (np.ptp(ys) + 1):
-        # no wider than one digit can be: one digit (a broken 5, a wide 4), unless the network is surer of the parts
-        sure = judge(np.stack([centred(ink), *digits]))
-        if sure[0] >= np.prod(sure[1:]):
-            masks = [ink > INK]
+        # no wider than one digit can be: one digit (a broken 5, a wide 0), unless the parts, read as they would
+        # be answered (combined), are surer together than the digit network of the whole
+        probs = judge(np.stack([centred(ink), *(centred(own_ink(ink, m)) for m in masks)]))
+        parts = combined(Reading(probs[1:], [], row_probabilities=row_probs, cut=cut), probs[1:])
+        if probs[0].max() >= np.prod(parts.max(1)):
+            masks, row_probs, cut = [ink > INK], [np.full(10, 0.1)], [False]
     if len(masks) > max_digits:
         raise ImageError(f"{name}: {len(masks)} digits found, more than the {max_digits} a number may have")
-    if len(masks) == 1 and not note and np.array_equal(masks[0], ink > INK):
+    if len(masks) == 1 and np.array_equal(masks[0], ink > INK):
         digits = [centred(ink)]  # nothing left out: the whole image, exactly as one digit is read
+    else:
+        digits = [centred(own_ink(ink, m)) for m in masks]
     boxes = []
     for m in masks:
         ys, xs = np.nonzero(m)
         boxes.append([round(xs.min() * scale), round(ys.min() * scale), round((xs.max() + 1) * scale),
                       round((ys.max() + 1) * scale)])
-    return Reading(np.stack(digits), boxes, note, masks)
+    return Reading(np.stack(digits), boxes, note, masks, row_probs, cut)
+
+
+def combined(reading, probabilities):
+    """Each digit's probabilities (N, 10) from the digit network's (N, 10): as they are for a digit whose ink is
+    its own and which the digit network is sure of; their product with the row reader's (Reading.row_probabilities),
+    renormalised, for one cut from a neighbour (digits that touch or overlap: its crop holds some of the
+    neighbour's ink) or whose top probability is under UNSURE (a broken stroke), since the row reader was trained
+    on such rows and the digit network on whole digits alone. Chosen on validation rows (docs/experiments.md)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    both = probabilities * np.asarray(reading.row_probabilities, dtype=np.float64)
+    both /= both.sum(1, keepdims=True)
+    unsure = np.asarray(reading.cut) | (probabilities.max(1) < UNSURE)
+    return np.where(unsure[:, None], both, probabilities)
+
+
+def read_number(path, probabilities, rows, name=None, max_pixels=None):
+    """(Reading, probabilities (N, 10)) of the number in an image file: read_digits with the digit network's
+    `probabilities` ((N, 28, 28) -> (N, 10)) as the judge and the row reader's `rows`, then combined: what
+    `predict`, the server and the page answer, whichever runs the networks (torch or onnxruntime)."""
+    reading = read_digits(path, rows, name, max_pixels, judge=probabilities)
+    return reading, combined(reading, probabilities(reading.digits))
 
 
 # --- answers -----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 // Each step below is the Python function of the same name; the page's 28x28 inputs equal Python's to 1/255.
 "use strict";
 (() => {
-const S = window.DIGIT_IMAGE;  // MEAN, STD, INK, SPECK, PART_HEIGHT, PART_GAP, TOUCHING_WIDTH, SPLIT_WIDTH, ...
+const S = window.DIGIT_IMAGE;  // MEAN, STD, INK, SPECK, OWN_SHARE, ROW_HEIGHT, ROW_INK, ROW_MARGIN, ...
 
 function roundHalfEven(x) {  // Python's round()
   const r = Math.round(x);
@@ -148,93 +148,138 @@ function label(mask, w, h) {  // scipy.ndimage.label with 8-connectivity: labels
   return {labels, count};
 }
 
-async function findDigits(ink, w, h, judge) {
-  let mask = new Uint8Array(ink.length);
-  for (let i = 0; i < ink.length; i++) mask[i] = ink[i] > S.INK ? 1 : 0;
-  const lines = linesOf(mask, w, h);
-  let note = "";
-  if (lines.length > 1) {
-    const weight = lines.map(([t, b]) => { let s = 0; for (let i = t * w; i < b * w; i++) s += ink[i]; return s; });
-    const pick = weight.indexOf(Math.max(...weight));
-    note = `${lines.length} lines of writing: read the one with the most ink (line ${pick + 1} from the top)`;
-    for (let i = 0; i < mask.length; i++) if (i < lines[pick][0] * w || i >= lines[pick][1] * w) mask[i] = 0;
+function rowInput(ink, w, h) {
+  // digit_image.row_input: the ink cropped to its box, scaled to ROW_INK px high, between margins, normalised
+  let x0 = w, x1 = -1, y0 = h, y1 = -1;
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) if (ink[y * w + x] > S.INK) {
+    x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y);
   }
-  const {labels, count} = label(mask, w, h);
-  const box = Array.from({length: count}, () => [w, 0, h, 0]), mass = new Float64Array(count);
-  for (let i = 0; i < labels.length; i++) if (labels[i]) {
-    const b = box[labels[i] - 1], y = Math.floor(i / w), x = i % w;
-    b[0] = Math.min(b[0], x); b[1] = Math.max(b[1], x + 1); b[2] = Math.min(b[2], y); b[3] = Math.max(b[3], y + 1);
-    mass[labels[i] - 1] += ink[i];
+  const ch = y1 - y0 + 1, cw = x1 - x0 + 1;
+  const scale = Math.min(S.ROW_INK / ch, (S.ROW_MAX_WIDTH - 2 * S.ROW_MARGIN) / cw);
+  const oh = Math.max(1, roundHalfEven(ch * scale)), ow = Math.max(1, roundHalfEven(cw * scale));
+  const wy = resizeWeights(ch, oh), wx = resizeWeights(cw, ow);
+  const rows = new Float64Array(oh * cw);
+  for (let i = 0; i < oh; i++) for (let x = 0; x < cw; x++) {
+    let s = 0;
+    wy[i].w.forEach((v, k) => { s += v * ink[(y0 + wy[i].lo + k) * w + x0 + x]; });
+    rows[i * cw + x] = s;
   }
-  const heaviest = Math.max(...mass);
-  let groups = box.map((b, i) => [...b, [i + 1]]).filter((g, i) => mass[i] >= S.SPECK * heaviest);
-  groups.sort((a, b) => (a[0] + a[1]) / 2 - (b[0] + b[1]) / 2);
-  const maskOf = set => { const m = new Uint8Array(labels.length); for (let i = 0; i < labels.length; i++) m[i] = set.includes(labels[i]) ? 1 : 0; return m; };
-  const cache = new Map();
-  const sure = async sets => {
-    const fresh = [...new Set(sets.map(s => [...s].sort((a, b) => a - b).join(",")))].filter(k => !cache.has(k));
-    if (fresh.length) {
-      const values = await judge(fresh.map(k => centred(ownInk(ink, maskOf(k.split(",").map(Number)), w, h), w, h)));
-      fresh.forEach((k, i) => cache.set(k, values[i]));
-    }
-    return sets.map(s => cache.get([...s].sort((a, b) => a - b).join(",")));
-  };
-  const joined = (a, b) => [Math.min(a[0], b[0]), Math.max(a[1], b[1]), Math.min(a[2], b[2]), Math.max(a[3], b[3]), [...a[4], ...b[4]]];
-  const overlap = (a, b) => Math.min(a[1], b[1]) - Math.max(a[0], b[0]);
-  for (let i = 0; i < groups.length - 1;) {
-    const a = groups[i], b = groups[i + 1];
-    if (overlap(a, b) >= 0.5 * Math.min(a[1] - a[0], b[1] - b[0])) { groups.splice(i, 2, joined(a, b)); i = 0; } else i++;
+  const width = ow + 2 * S.ROW_MARGIN + (ow % 2), top = Math.floor((S.ROW_HEIGHT - oh) / 2);
+  const mean = Math.fround(S.MEAN), std = Math.fround(S.STD);
+  const row = new Float32Array(S.ROW_HEIGHT * width).fill(Math.fround(Math.fround(0 - mean) / std));
+  for (let i = 0; i < oh; i++) for (let j = 0; j < ow; j++) {
+    let s = 0;
+    wx[j].w.forEach((v, k) => { s += rows[i * cw + wx[j].lo + k] * v; });
+    const a = Math.fround(Math.min(1, Math.max(0, s)));
+    row[(top + i) * width + S.ROW_MARGIN + j] = Math.fround(Math.fround(a - mean) / std);
   }
-  const tallest = Math.max(...groups.map(g => g[3] - g[2]));
-  while (groups.length > 1) {
-    const short = groups.map(g => g[3] - g[2] < S.PART_HEIGHT * tallest);
-    const pairs = [];
-    for (let i = 0; i < groups.length - 1; i++) {
-      const j = joined(groups[i], groups[i + 1]);
-      if ((short[i] || short[i + 1]) && -overlap(groups[i], groups[i + 1]) <= S.PART_GAP * tallest && j[1] - j[0] <= 1.2 * tallest) pairs.push(i);
-    }
-    if (!pairs.length) break;
-    const c = await sure(pairs.flatMap(i => [groups[i][4], groups[i + 1][4], [...groups[i][4], ...groups[i + 1][4]]]));
-    const gains = pairs.map((_, k) => c[3 * k + 2] - c[3 * k] * c[3 * k + 1]);
-    const best = gains.indexOf(Math.max(...gains));
-    if (gains[best] <= 0) break;
-    groups.splice(pairs[best], 2, joined(groups[pairs[best]], groups[pairs[best] + 1]));
-  }
-  const force = groups.length > 1 ? S.SPLIT_WIDTH : S.SPLIT_WIDTH_ALONE, masks = [];
-  for (const g of groups) masks.push(...await splitWide(maskOf(g[4]), ink, w, h, judge, tallest, force));
-  return {masks, note};
+  return {row, width, x0, scale};
 }
 
-async function splitWide(piece, ink, w, h, judge, tallest, force) {
-  let x0 = w, x1 = 0;
-  for (let i = 0; i < piece.length; i++) if (piece[i]) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w + 1); }
-  if (x1 - x0 <= S.TOUCHING_WIDTH * tallest || x1 - x0 < 6) return [piece];
-  const columns = new Float64Array(w);
-  for (let i = 0; i < piece.length; i++) if (piece[i]) columns[i % w] += ink[i];
-  const inside = [];
-  for (let x = x0 + roundHalfEven(0.15 * (x1 - x0)); x < x0 + roundHalfEven(0.85 * (x1 - x0)); x++) inside.push(x);
-  const centre = (x0 + x1) / 2;
-  inside.sort((a, b) => columns[a] - columns[b] || Math.abs(a + 0.5 - centre) - Math.abs(b + 0.5 - centre));
-  const cuts = [];
-  for (const x of inside) { if (cuts.every(c => Math.abs(x - c) >= 2)) cuts.push(x); if (cuts.length === S.CUTS_TRIED) break; }
-  const options = [];
-  for (const cut of cuts) {
-    const left = piece.slice(), right = piece.slice();
-    let l = 0, r = 0;
-    for (let i = 0; i < piece.length; i++) { if (i % w >= cut) left[i] = 0; else right[i] = 0; l += left[i]; r += right[i]; }
-    if (l && r) options.push([left, right]);
+function greedyDigits(frames, t) {  // digit_image.greedy_digits: frames (11 x t) -> [[digit, first, last]]
+  const best = [];
+  for (let j = 0; j < t; j++) {
+    let c = 0;
+    for (let k = 1; k < 11; k++) if (frames[k * t + j] > frames[c * t + j]) c = k;
+    best.push(c);
   }
-  if (!options.length) return [piece];
-  const sure = await judge([piece, ...options.flat()].map(m => centred(ownInk(ink, m, w, h), w, h)));
-  const products = options.map((_, k) => sure[1 + 2 * k] * sure[2 + 2 * k]);
-  const best = products.indexOf(Math.max(...products));
-  if (products[best] <= sure[0] && x1 - x0 <= force * tallest) return [piece];
-  const [left, right] = options[best];
-  return [...await splitWide(left, ink, w, h, judge, tallest, S.SPLIT_WIDTH), ...await splitWide(right, ink, w, h, judge, tallest, S.SPLIT_WIDTH)];
+  const found = [];
+  best.forEach((c, j) => {
+    if (c === 0) return;
+    if (j > 0 && best[j - 1] === c) found[found.length - 1][2] = j; else found.push([c - 1, j, j]);
+  });
+  return found;
+}
+
+function rowProbabilities(frames, t, first, last) {  // digit_image.row_probabilities
+  const p = [];
+  for (let k = 1; k < 11; k++) { let s = 0; for (let j = first; j <= last; j++) s += Math.exp(frames[k * t + j]); p.push(s / (last - first + 1)); }
+  const total = p.reduce((a, b) => a + b, 0);
+  return p.map(v => v / total);
+}
+
+function oneLine(ink, w, h) {  // digit_image.one_line
+  const mask = new Uint8Array(ink.length);
+  for (let i = 0; i < ink.length; i++) mask[i] = ink[i] > S.INK ? 1 : 0;
+  const lines = linesOf(mask, w, h);
+  if (lines.length === 1) return {mask, note: ""};
+  const weight = lines.map(([t, b]) => { let s = 0; for (let i = t * w; i < b * w; i++) s += ink[i]; return s; });
+  const pick = weight.indexOf(Math.max(...weight));
+  for (let i = 0; i < mask.length; i++) if (i < lines[pick][0] * w || i >= lines[pick][1] * w) mask[i] = 0;
+  return {mask, note: `${lines.length} lines of writing: read the one with the most ink (line ${pick + 1} from the top)`};
+}
+
+async function rowDigits(ink, w, h) {
+  // digit_image.row_digits: the row reader says how many digits and where; the ink is parted between them
+  const {mask, note} = oneLine(ink, w, h);
+  const lineInk = ink.map((v, i) => mask[i] ? v : 0);
+  const {row, width, x0, scale} = rowInput(lineInk, w, h);
+  const frames = await rowFrames(row, width), t = width / S.ROW_FRAME;
+  const found = greedyDigits(frames, t);
+  if (found.length <= 1) {
+    return {masks: [mask], note, rowProbs: [found.length ? rowProbabilities(frames, t, found[0][1], found[0][2]) : Array(10).fill(0.1)], cut: [false]};
+  }
+  const centres = found.map(([, a, b]) => x0 + (a + b + 1 - S.ROW_MARGIN) / scale);
+  const columns = new Float64Array(w), last = w - 1;
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) columns[x] += lineInk[y * w + x];
+  const partings = [];
+  for (let k = 0; k + 1 < centres.length; k++) {
+    const left = centres[k], right = centres[k + 1], middle = (left + right) / 2;
+    const lo = Math.min(Math.max(Math.trunc(left + 0.2 * (right - left)), 1), last);
+    const hi = Math.min(Math.max(Math.ceil(right - 0.2 * (right - left)), lo), last);
+    let best = lo;
+    for (let x = lo + 1; x <= hi; x++) {
+      if (columns[x] < columns[best] || (columns[x] === columns[best] && Math.abs(x - middle) < Math.abs(best - middle))) best = x;
+    }
+    partings.push(best);
+  }
+  const edges = [0, ...partings, w];
+  const slotOf = x => { let s = 0; while (s < partings.length && x >= partings[s]) s++; return s; };
+  const {labels, count} = label(mask, w, h);
+  const masses = new Float64Array(count + 1);
+  for (let i = 0; i < labels.length; i++) if (labels[i]) masses[labels[i]] += lineInk[i];
+  const heaviest = Math.max(...masses.slice(1));
+  const perSlot = Array.from({length: count + 1}, () => new Float64Array(found.length));
+  for (let i = 0; i < labels.length; i++) if (labels[i]) perSlot[labels[i]][slotOf(i % w)] += lineInk[i];
+  const masks = found.map(() => new Uint8Array(w * h)), cut = found.map(() => false);
+  const whole = new Int32Array(count + 1).fill(-1);  // the digit a piece wholly belongs to; -1: cut at the partings
+  for (let k = 1; k <= count; k++) {
+    if (masses[k] < S.SPECK * heaviest) { whole[k] = -2; continue; }
+    const share = perSlot[k], top = share.indexOf(Math.max(...share));
+    if (share[top] >= S.OWN_SHARE * share.reduce((a, b) => a + b, 0)) whole[k] = top;
+  }
+  for (let i = 0; i < labels.length; i++) {
+    const k = labels[i];
+    if (!k || whole[k] === -2) continue;
+    if (whole[k] >= 0) masks[whole[k]][i] = 1;
+    else { const s = slotOf(i % w); masks[s][i] = 1; cut[s] = true; }
+  }
+  masks.forEach((m, s) => {  // a digit left with no ink takes what lies between its partings
+    if (m.some(v => v)) return;
+    for (let y = 0; y < h; y++) for (let x = edges[s]; x < edges[s + 1]; x++) m[y * w + x] = mask[y * w + x];
+    cut[s] = true;
+  });
+  const keep = masks.map((m, s) => s).filter(s => masks[s].some(v => v));
+  return {masks: keep.map(s => masks[s]), note, rowProbs: keep.map(s => rowProbabilities(frames, t, found[s][1], found[s][2])), cut: keep.map(s => cut[s])};
+}
+
+function combined(probs, rowProbs, cut) {  // digit_image.combined
+  return probs.map((p, k) => {
+    if (!cut[k] && Math.max(...p) >= S.UNSURE) return p;
+    const both = p.map((v, c) => v * rowProbs[k][c]), total = both.reduce((a, b) => a + b, 0);
+    return both.map(v => v / total);
+  });
 }
 
 ort.env.wasm.wasmPaths = "./";  // onnxruntime-web's .wasm beside the page: nothing is fetched from elsewhere
 ort.env.wasm.numThreads = 1;  // threads would need a cross-origin-isolated host; a digit needs none
+let rowSession = null;
+async function rowFrames(row, width) {  // onnx_model.OnnxRows.row_frames: a row (ROW_HEIGHT x width) -> 11 x width / 2
+  rowSession = rowSession || await ort.InferenceSession.create("rows.onnx", {executionProviders: ["wasm"]});
+  const output = await rowSession.run({rows: new ort.Tensor("float32", row, [1, 1, S.ROW_HEIGHT, width])});
+  return output.frames.data;
+}
+
 let session = null;
 async function probabilities(digits) {
   // onnx_model.OnnxModel.probabilities: (N) x 784 normalised -> N x 10, TTA when the run used it
@@ -269,19 +314,22 @@ window.readLocally = async canvas => {
   // digit_image.read_digits and .answer: what POST /predict answers, computed in the page
   const {gray, w, h, scale} = decode(canvas);
   const ink = inkOf(gray, w, h);
-  const judge = async digits => (await probabilities(digits)).map(p => Math.max(...p));
-  let {masks, note} = await findDigits(ink, w, h, judge);
-  let digits = masks.map(m => centred(ownInk(ink, m, w, h), w, h));
+  let {masks, note, rowProbs, cut} = await rowDigits(ink, w, h);
   const whole = new Uint8Array(ink.length).map((_, i) => ink[i] > S.INK ? 1 : 0);
   let x0 = w, x1 = 0, y0 = h, y1 = 0;
   whole.forEach((v, i) => { if (v) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w); y0 = Math.min(y0, Math.floor(i / w)); y1 = Math.max(y1, Math.floor(i / w)); } });
   if (masks.length > 1 && !note && x1 - x0 + 1 <= S.ONE_DIGIT_WIDTH * (y1 - y0 + 1)) {
-    const sure = await judge([centred(ink, w, h), ...digits]);
-    if (sure[0] >= sure.slice(1).reduce((a, b) => a * b, 1)) masks = [whole];
+    // no wider than one digit can be: one digit, unless the parts' answers are surer together (read_digits)
+    const probs = await probabilities([centred(ink, w, h), ...masks.map(m => centred(ownInk(ink, m, w, h), w, h))]);
+    const parts = combined(probs.slice(1), rowProbs, cut);
+    if (Math.max(...probs[0]) >= parts.reduce((a, p) => a * Math.max(...p), 1)) {
+      masks = [whole]; rowProbs = [Array(10).fill(0.1)]; cut = [false];
+    }
   }
   if (masks.length > S.MAX_DIGITS) throw new Error(`the drawing: ${masks.length} digits found, more than the ${S.MAX_DIGITS} a number may have`);
-  if (masks.length === 1 && !note && masks[0].every((v, i) => v === whole[i])) digits = [centred(ink, w, h)];
-  const probs = await probabilities(digits);
+  const digits = masks.length === 1 && masks[0].every((v, i) => v === whole[i]) ? [centred(ink, w, h)]
+    : masks.map(m => centred(ownInk(ink, m, w, h), w, h));
+  const probs = combined(await probabilities(digits), rowProbs, cut);
   const items = digits.map((d, k) => {
     let bx0 = w, bx1 = 0, by0 = h, by1 = 0;
     masks[k].forEach((v, i) => { if (v) { bx0 = Math.min(bx0, i % w); bx1 = Math.max(bx1, i % w + 1); by0 = Math.min(by0, Math.floor(i / w)); by1 = Math.max(by1, Math.floor(i / w) + 1); } });

@@ -11,9 +11,10 @@ import model_train
 import not_digits as non_digit_images
 import reader
 import recipes
+import row_train
 import run_folder
 from errors import UserError
-from model import count_parameters
+from model import ROW_MODELS, count_parameters
 
 
 class NoValidationSplit(UserError):
@@ -35,6 +36,21 @@ def rescore(model, config, split="test", log=print, device="auto"):
         model = model_train.place(model, config, device)
         return {**model_train.score(model, images, labels, model_train.EVAL_BATCH, config.tta, "", details=True),
                 "images": len(labels)}
+
+
+def row_lines(model, config, split, recorded):
+    """What `evaluate` prints of a row reader: the share of ROWS_SCORED rows composed from the test digits (or the
+    validation split's) it reads exactly on its own, as its run scored them, and what the run recorded."""
+    if split == "val" and not config.val_size:
+        raise NoValidationSplit("this run held out no validation split (its val_size is 0); score --split test")
+    data_file.ensure_mnist(config.data_dir)
+    rows = row_train.composed_rows(*row_train.raw_splits(config)[split], row_train.ROWS_SCORED,
+                                   row_train.SCORE_SEEDS[split])
+    lines = [f"rows composed from the {'test digits' if split == 'test' else 'validation split'}, {len(rows):,}: "
+             f"{row_train.score_rows(model, rows):.2f}% read exactly by the row reader alone"]
+    if split == "test" and "test_acc" in recorded:
+        lines.append(f"the run recorded: {recorded['test_acc']:.2f}%")
+    return lines
 
 
 def per_class_accuracy(confusion):
@@ -117,25 +133,30 @@ def not_digit_lines(result):
     return lines
 
 
-def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, uci_digits=False,
-                      numbers=0, not_digits=False, log=print, progress=True):
+def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, rows=None,
+                      uci_digits=False, numbers=0, not_digits=False, log=print, progress=True):
     """Yield what `python main.py evaluate` prints for the checkpoint at `path`: what it is, its figures on
-    `split` as its run scored them (evaluation_lines), then the UCI digits and `numbers` numbers when asked.
-    `data_dir` None: where the run found MNIST."""
+    `split` as its run scored them (evaluation_lines; for a row reader, row_lines), then the UCI digits, `numbers`
+    numbers and the non-digits when asked, read with the row reader `rows` (a loaded RowNet). `data_dir` None:
+    where the run found MNIST."""
     stored, recorded = checkpoint.get("config") or {"model": checkpoint["model_name"]}, checkpoint.get("metrics") or {}
     config = recipes.config_from_dict(stored)
     config = dataclasses.replace(config, data_dir=data_dir or config.data_dir)
     dry = recorded.get("dry_run") or stored.get("dry_run")  # the config held it before 2026-12-07
     yield (f"{path}: {checkpoint['model_name']} ({count_parameters(model):,} parameters), recipe "
            f"{config.recipe}, seed {config.seed}{', a dry run' if dry else ''}")
+    if config.model in ROW_MODELS:
+        yield from row_lines(model, config, split, recorded)
+        return
     yield from evaluation_lines(model, config, split, recorded, log=log, device=device)
     tta = reader.checkpoint_tta(checkpoint)
+    rows = rows and reader.row_reader(rows)
     if uci_digits:
         yield from uci_lines(path, model, tta, config.data_dir, progress)
     if numbers:
-        yield from number_lines(reader.score_numbers(model, tta, config.data_dir, numbers, progress=progress))
-        yield from case_lines(reader.score_number_cases(model, tta, config.data_dir, progress=progress),
-                              reader.score_single_digits(model, tta, config.data_dir, progress=progress),
-                              reader.score_uci_splits(model, tta, progress=progress))
+        yield from number_lines(reader.score_numbers(model, tta, rows, config.data_dir, numbers, progress=progress))
+        yield from case_lines(reader.score_number_cases(model, tta, rows, config.data_dir, progress=progress),
+                              reader.score_single_digits(model, tta, rows, config.data_dir, progress=progress),
+                              reader.score_uci_splits(model, tta, rows, progress=progress))
     if not_digits:
-        yield from not_digit_lines(reader.score_not_digits(model, tta, config.data_dir, progress=progress))
+        yield from not_digit_lines(reader.score_not_digits(model, tta, rows, config.data_dir, progress=progress))

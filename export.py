@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import data_file
+import digit_image
 import reader
 import run_folder
 from errors import UserError
@@ -41,15 +42,22 @@ class ExportError(UserError):
     """The network could not be exported, or the export does not compute what the checkpoint does."""
 
 
-def onnx_bytes(model, metadata):
-    """The network as an ONNX model (bytes): torch.onnx's exporter, a dynamic batch, `metadata` as strings."""
+def onnx_bytes(model, metadata, rows=False):
+    """The network as an ONNX model (bytes): torch.onnx's exporter, `metadata` as strings. A digit network takes
+    "digits" (N, 1, 28, 28), a dynamic batch, and gives "log_probs"; a row reader (rows=True) takes "rows"
+    (N, 1, 32, W), W any even width, and gives "frames" (N, 11, W / 2)."""
     import onnx
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    if rows:
+        half = torch.export.Dim("half", min=4, max=digit_image.ROW_MAX_WIDTH // 2)
+        example, names, shapes = torch.zeros(2, 1, digit_image.ROW_HEIGHT, 64), (["rows"], ["frames"]), \
+            ({0: batch, 3: 2 * half},)
+    else:
+        example, names, shapes = torch.zeros(2, 1, 28, 28), (["digits"], ["log_probs"]), ({0: batch},)
     with tempfile.TemporaryDirectory() as tmp:
-        program = torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), dynamo=True, opset_version=OPSET,
-                                    input_names=["digits"], output_names=["log_probs"],
-                                    dynamic_shapes=({0: batch},), verbose=False)
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=names[0],
+                                    output_names=names[1], dynamic_shapes=shapes, verbose=False)
         program.optimize()
         path = os.path.join(tmp, "model.onnx")
         program.save(path)
@@ -57,6 +65,42 @@ def onnx_bytes(model, metadata):
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     return compact(proto)
+
+
+def export_rows(model, checkpoint, out, data_dir="./data", count=200):
+    """Write the row reader `model` as ONNX at `out`, checked against torch on `count` rows composed from the
+    test digits: the same digits read in every row, frames within MAX_DIFFERENCE. Returns {"bytes", "rows",
+    "difference"}."""
+    import onnx_model
+    import row_train
+    data_file.ensure_mnist(data_dir)
+    images, labels = (t.numpy() for t in data_file.read_split(data_dir, "test"))
+    rows = [digit_image.row_input(ink)[0] for ink, _ in row_train.composed_rows(images, labels, count, 0)]
+    model = reader.as_predict_runs(model)
+    result = {}
+
+    def check(path):
+        runner, torch_frames = onnx_model.OnnxRows(path), reader.row_reader(model)
+        difference, same = 0.0, 0
+        for row in rows:
+            expected, got = torch_frames(row), runner.row_frames(row)
+            difference = max(difference, float(np.abs(expected - got).max()))
+            same += digit_image.greedy_digits(expected) == digit_image.greedy_digits(got)
+        if same != len(rows) or difference > MAX_DIFFERENCE:
+            raise ExportError(f"the row reader's ONNX model does not compute what the checkpoint does: {same} of "
+                              f"{len(rows)} rows read the same, frames up to {difference:.2e} apart")
+        result.update(bytes=os.path.getsize(path), rows=len(rows), difference=difference)
+
+    metadata = {"config": json.dumps(checkpoint.get("config") or {}), "model_name": checkpoint["model_name"],
+                "parameters": str(count_parameters(model))}
+    try:
+        write_checked(out, onnx_bytes(model, metadata, rows=True), check)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"torch.onnx could not export the row reader: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200]}") from None
+    return result
 
 
 def compact(proto):
@@ -218,9 +262,8 @@ def scores(path, logs, probs, labels, **extra):
 
 def web_settings(config):
     """settings.js: digit_image's constants and the run's TTA, for digits.js (declared once, in Python)."""
-    import digit_image
-    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "PART_HEIGHT", "PART_GAP", "TOUCHING_WIDTH",
-             "SPLIT_WIDTH", "SPLIT_WIDTH_ALONE", "CUTS_TRIED", "ONE_DIGIT_WIDTH", "TTA_SHIFTS")
+    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "OWN_SHARE", "UNSURE", "ONE_DIGIT_WIDTH",
+             "ROW_HEIGHT", "ROW_INK", "ROW_MARGIN", "ROW_MAX_WIDTH", "ROW_FRAME", "TTA_SHIFTS")
     settings = {name: getattr(digit_image, name) for name in names}
     settings["TTA"] = bool(config.get("tta"))
     return f"window.DIGIT_IMAGE = {json.dumps(settings)};\n"
@@ -231,24 +274,31 @@ def refuse_existing(folder):
         raise ExportError(f"{folder} exists already: name a new folder for the site")
 
 
-def export_lines(path, model, checkpoint, out=None, int8=False, web=None, data_dir="./data", log=print):
+def export_lines(path, model, checkpoint, rows, out=None, int8=False, web=None, data_dir="./data", log=print):
     """Do what `python main.py export` does and yield what it prints: the checkpoint at `path` as ONNX at `out`
-    (None: model.onnx beside it), with `int8` its quantized copy, and with `web` the static site in that folder."""
+    (None: model.onnx beside it), with `int8` its quantized copy, the row reader `rows` ((path, model,
+    checkpoint), run_folder.load_row_reader) as rows.onnx beside it, and with `web` the static site in that
+    folder."""
+    import onnx_model
     out = out or os.path.join(os.path.dirname(path) or ".", "model.onnx")
     if web:  # before minutes of work, not after
         refuse_existing(web)
         data_file.need_npm(ORT_WEB, ExportError)
     yield from result_lines(export(model, checkpoint, out, int8=int8, data_dir=data_dir, log=log), out)
+    rows_out = os.path.join(os.path.dirname(out) or ".", onnx_model.ROWS_FILE)
+    result = export_rows(rows[1], rows[2], rows_out, data_dir)
+    yield (f"{rows_out}: the row reader ({rows[0]}), {result['bytes']:,} bytes; the same digits as torch in "
+           f"{result['rows']} of {result['rows']} composed test rows, frames within {result['difference']:.1e}")
     if web:
         site_model = int8_path(out) if int8 else out  # the page runs the smaller model when there is one
-        export_web(site_model, checkpoint.get("config") or {}, web)
-        yield (f"{web}/: the page as a static site, with {os.path.basename(site_model)} (python -m http.server -d "
-               f"{web} --bind 127.0.0.1, then open its address)")
+        export_web(site_model, rows_out, checkpoint.get("config") or {}, web)
+        yield (f"{web}/: the page as a static site, with {os.path.basename(site_model)} and "
+               f"{onnx_model.ROWS_FILE} (python -m http.server -d {web} --bind 127.0.0.1, then open its address)")
 
 
-def export_web(onnx_path, config, folder):
+def export_web(onnx_path, rows_path, config, folder):
     """The static site in `folder` (made whole in a temporary folder beside it, then renamed; refused if it
-    exists): index.html, digits.js, settings.js, model.onnx and onnxruntime-web."""
+    exists): index.html, digits.js, settings.js, model.onnx, rows.onnx and onnxruntime-web."""
     import shutil
     refuse_existing(folder)
     parent = os.path.dirname(os.path.abspath(folder))
@@ -270,6 +320,7 @@ def export_web(onnx_path, config, folder):
             f.write(web_settings(config))
         shutil.copy(os.path.join(HERE, "digits.js"), tmp)
         shutil.copy(onnx_path, os.path.join(tmp, "model.onnx"))
+        shutil.copy(rows_path, os.path.join(tmp, "rows.onnx"))
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o644)
         os.chmod(tmp, 0o755)

@@ -92,7 +92,9 @@ def run(args):
     """Train a recipe, or go on with an interrupted run, in its run folder."""
     import model_train
     import recipes
+    import row_train
     import run_folder
+    from model import ROW_MODELS
     if args.resume is not None:
         run = run_folder.Run.resume(args.resume, getattr(args, "data_dir", None), save_model=not args.no_save_model,
                                     log=say)
@@ -100,12 +102,12 @@ def run(args):
         run = run_folder.Run.new(recipes.config_from_flags(args), args.out_dir, save_model=not args.no_save_model,
                                  log=say, dry_run=args.dry_run)
     model_train.pick_device(args.device)  # an unavailable device is refused before anything is written
+    rows = run.config.model in ROW_MODELS
     with run:
-        model, metrics = model_train.train(run.config, log=say, progress=not args.no_progress,
-                                           on_epoch=run.on_epoch, resume=run.state, device=args.device,
-                                           dry_run=args.dry_run)
+        model, metrics = row_train.trainer(run.config)(run.config, log=say, progress=not args.no_progress, on_epoch=run.on_epoch,
+                               resume=run.state, device=args.device, dry_run=args.dry_run)
         import plots  # only now, once training has let go of its working memory: matplotlib adds ~50 MB
-        run.finish(model, metrics, draw=plots.save_plots)
+        run.finish(model, metrics, draw=None if rows else plots.save_plots)  # a row reader's figures: evaluate
     return 0
 
 
@@ -116,8 +118,10 @@ def command_parser(name, details=""):
 
 
 RUNS = "runs"  # where run folders are: run_folder.RUNS (a test checks), named here without importing torch
-CHECKPOINT_HELP = (f"a model.pt or run folder written by main.py (default: the newest {RUNS}/*/model.pt, else the "
-                   f"shipped reader models/reader.pt)")
+CHECKPOINT_HELP = (f"a model.pt or run folder written by main.py (default: the newest {RUNS}/*/model.pt of a digit "
+                   f"network, else the shipped reader models/reader.pt)")
+ROWS_HELP = (f"the row reader that finds the digits in a row: a model.pt or run folder of the rows-ctc recipe "
+             f"(default: the newest such run under {RUNS}/, else the shipped models/rows.pt)")
 
 
 def predict(argv):
@@ -132,14 +136,16 @@ def predict(argv):
     p.add_argument("--model", choices=sorted(MODELS), help="refuse a checkpoint of any other network")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per image: file, number, digits with probabilities and boxes")
+    p.add_argument("--rows", help=ROWS_HELP)
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.checkpoint, args.model)
     if path == run_folder.SHIPPED:
         shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
         print(f"reading with the shipped reader {shown} (no run under {RUNS}/)", file=sys.stderr)
+    rows = reader.row_reader(run_folder.load_row_reader(args.rows)[1])
     tta = reader.checkpoint_tta(checkpoint)
     failed = 0
-    for line, kind in reader.predict_lines(model, tta, args.images, args.json):
+    for line, kind in reader.predict_lines(model, tta, rows, args.images, args.json):
         print(line, file=sys.stderr if kind else sys.stdout)
         failed += kind == "error"
     return 1 if failed else 0
@@ -173,14 +179,16 @@ def evaluate_command(argv):
                    help="also read 200 images of each kind that holds no digit (letters, symbols, scribbles, shapes, "
                         "blots, parts of digits; drawn from a fixed seed with Debian's DejaVu and Liberation fonts): "
                         "how many are answered as digits, and how surely against test digits (AUROC)")
+    p.add_argument("--rows", help=ROWS_HELP + "; with --numbers and --not-digits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for the UCI digits and numbers")
     args = p.parse_args(argv)
     if args.not_digits:
         import not_digits
         not_digits.check_fonts()  # before minutes of scoring, not after
-    path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
+    path, model, checkpoint = run_folder.load_named_checkpoint(args.run, rows_too=True)
+    rows = run_folder.load_row_reader(args.rows)[1] if (args.numbers or args.not_digits) else None
     for line in evaluate.evaluation_report(path, model, checkpoint, args.split, args.device, args.data_dir,
-                                           uci_digits=args.uci_digits, numbers=args.numbers,
+                                           rows=rows, uci_digits=args.uci_digits, numbers=args.numbers,
                                            not_digits=args.not_digits, log=say,
                                            progress=not args.no_progress):
         say(line)
@@ -221,11 +229,12 @@ def serve_command(argv):
                    help="address to listen on (0.0.0.0: every interface) (default: 127.0.0.1)")
     p.add_argument("--port", type=serve.port_number, default=8000,
                    help="port to listen on (0: any free one) (default: 8000)")
+    p.add_argument("--rows", help=ROWS_HELP + "; with --onnx, a rows.onnx (default: the one beside FILE)")
     args = p.parse_args(argv)
-    line, probabilities = serve.load_model(args.checkpoint, args.onnx)
+    line, probabilities, rows = serve.load_model(args.checkpoint, args.onnx, args.rows)
     say(line)
     try:
-        server = serve.make_server(serve.Predictor(probabilities), args.host, args.port)
+        server = serve.make_server(serve.Predictor(probabilities, rows), args.host, args.port)
     except OSError as e:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     serve.serve_until_interrupted(server, log=say)
@@ -246,10 +255,13 @@ def export_command(argv):
     p.add_argument("--web", metavar="DIR",
                    help=f"also the page as a static site in DIR (a new folder): index.html, the model and "
                         f"{export.ORT_WEB}, fetched with npm")
+    p.add_argument("--rows", help=ROWS_HELP + "; written as rows.onnx beside the model")
     p.add_argument("--data-dir", default="./data", help="where MNIST is kept (default: ./data)")
     args = p.parse_args(argv)
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run)
-    for line in export.export_lines(path, model, checkpoint, args.out, args.int8, args.web, args.data_dir, log=say):
+    rows = run_folder.load_row_reader(args.rows)
+    for line in export.export_lines(path, model, checkpoint, rows, args.out, args.int8, args.web, args.data_dir,
+                                    log=say):
         say(line)
     return 0
 

@@ -10,6 +10,8 @@
     ressenet-wide22 `ressenet-wide` on the central 22x22 (maps 11x11 and 5x5): the one-epoch race's network
     shared-nano     one separable convolution applied five times at 14x14 (each with its own BatchNorm): 978
     cnn-215k        the best-known public "99% in one epoch" network, 215,194 parameters: benchmark.py races it
+    rows            the row reader: a row of digits 32 px high and any width in, a column of 11 log-probabilities
+                    (blank, 0-9) per 2 px out, for CTC; fully convolutional, 85,755 parameters
 
 Build one by name with `build_model(name)`; `count_parameters(model)` gives its trainable size. What each
 reaches, and with which recipe: README.md; how each was chosen: docs/experiments.md.
@@ -202,6 +204,41 @@ class CNN215k(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)            # (B, 10)
 
 
+class RowNet(nn.Module):
+    """Reads a row of handwritten digits without cutting it apart: trained with CTC (row_train.py), its frames
+    say how many digits there are and where each one is; the digit networks then read each digit.
+
+    Fully convolutional (no recurrent layer, no adaptive pooling) so that it exports to ONNX with a free width and
+    runs in onnxruntime-web. Height is pooled 32 -> 4 and collapsed by a 4x1 convolution; width only once, so a
+    frame is 2 px and two thin 1s side by side still have a blank frame between them. Each frame sees about 31 px
+    of the row (a digit and a half at the row's 24-px ink height)."""
+
+    def __init__(self, dropout=0.1):
+        super().__init__()
+        self.conv1 = ConvBN(1, 16)
+        self.pool1 = nn.MaxPool2d(2)                    # height and width halved
+        self.conv2 = ConvBN(16, 32)
+        self.conv3 = ConvBN(32, 48)
+        self.conv4 = ConvBN(48, 48)
+        self.pool = nn.MaxPool2d((2, 1))                # height only
+        self.collapse = nn.Sequential(nn.Conv2d(48, 64, (4, 1), bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.context1 = nn.Sequential(nn.Conv2d(64, 64, (1, 5), padding=(0, 2), bias=False), nn.BatchNorm2d(64),
+                                      nn.ReLU(inplace=True))
+        self.context2 = nn.Sequential(nn.Conv2d(64, 64, (1, 3), padding=(0, 2), dilation=(1, 2), bias=False),
+                                      nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(dropout)
+        self.classify = nn.Conv2d(64, 11, 1)
+
+    def forward(self, x):                       # (B, 1, 32, W), W even
+        x = self.pool1(self.conv1(x))           # (B, 16, 16, W/2)
+        x = self.pool(self.conv2(x))            # (B, 32, 8, W/2)
+        x = self.pool(self.conv3(x))            # (B, 48, 4, W/2)
+        x = self.collapse(self.conv4(x))        # (B, 64, 1, W/2)
+        x = self.context2(self.context1(x))     # (B, 64, 1, W/2)
+        x = self.classify(self.dropout(x))      # (B, 11, 1, W/2): blank, then the digits 0-9
+        return F.log_softmax(x[:, :, 0], dim=1)  # (B, 11, W/2)
+
+
 MODELS = {
     "net": Net,
     "ressenet": ResSENet,
@@ -212,7 +249,9 @@ MODELS = {
     "ressenet-wide22": functools.partial(ResSENet, widths=(16, 16, 16), crop=22),
     "shared-nano": SharedConvNet,
     "cnn-215k": CNN215k,
+    "rows": RowNet,
 }
+ROW_MODELS = ("rows",)  # networks that read a row of digits (row_train.py), not one 28x28 digit
 
 
 def build_model(name, **kwargs):

@@ -28,19 +28,25 @@ def tta_views(images):
     return np.concatenate([padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w] for dx, dy in TTA_SHIFTS])
 
 
+def cpu_session(path, missing=""):
+    """An onnxruntime session of the file on the CPU; OnnxError when there is no such file (`missing` says more)
+    or it is not ONNX."""
+    import onnxruntime
+    if not os.path.isfile(path):
+        raise OnnxError(f"{path}: no such file{missing}")
+    try:
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers are not the user's business
+        return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own kinds: InvalidProtobuf, InvalidGraph, Fail, ...
+        raise OnnxError(f"{path}: not an ONNX model onnxruntime can load ({type(e).__name__})") from None
+
+
 class OnnxModel:
     """An exported network in an onnxruntime session on the CPU, its input checked when it is loaded."""
 
     def __init__(self, path):
-        import onnxruntime
-        if not os.path.isfile(path):
-            raise OnnxError(f"{path}: no such file")
-        try:
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 3  # warnings about unused initializers are not the user's business
-            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own kinds: InvalidProtobuf, InvalidGraph, Fail, ...
-            raise OnnxError(f"{path}: not an ONNX model onnxruntime can load ({type(e).__name__})") from None
+        self.session = cpu_session(path)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1 or list(inputs[0].shape[1:]) != [1, 28, 28] \
                 or inputs[0].type != "tensor(float)":
@@ -67,3 +73,22 @@ class OnnxModel:
             return np.exp(self.log_probs(images))
         probs = np.exp(self.log_probs(tta_views(images)))
         return probs.reshape(len(TTA_SHIFTS), len(images), -1).mean(0)
+
+
+ROWS_FILE = "rows.onnx"  # the row reader's file, beside the digit network's (export.py writes it)
+
+
+class OnnxRows:
+    """An exported row reader (model.RowNet) in an onnxruntime session on the CPU: row_frames as
+    digit_image.row_digits reads rows with."""
+
+    def __init__(self, path):
+        self.session = cpu_session(path, " (the row reader: `main.py export` writes it beside model.onnx)")
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or list(inputs[0].shape[1:3]) != [1, 32]:
+            raise OnnxError(f"{path}: not a row reader (it takes no rows (N, 1, 32, W))")
+        self.input, self.path = inputs[0].name, path
+
+    def row_frames(self, row):
+        """The frames (11, W / 2) of log-probabilities of one row (32, W)."""
+        return self.session.run(None, {self.input: np.ascontiguousarray(row[None, None], dtype=np.float32)})[0][0]

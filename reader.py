@@ -49,21 +49,30 @@ def digit_reader(model, checkpoint):
     return lambda digits: probabilities(model, digits, tta)
 
 
-def read_number(model, tta, path, name=None, max_pixels=None):
-    """The digits written in a row in an image file (digit_image.read_digits, the network judging where touching
-    digits part) and their probabilities: (Reading, numpy (N, 10)), what `predict` and the server answer."""
-    judge = lambda digits: probabilities(model, digits, tta).max(1)
-    reading = digit_image.read_digits(path, name, max_pixels, judge=judge)
-    return reading, probabilities(model, reading.digits, tta)
+def row_reader(model):
+    """A loaded row network (model.RowNet) as digit_image's row_frames: a row (ROW_HEIGHT, W) in, its frames
+    (11, W / 2) of log-probabilities out, on the CPU."""
+    model = as_predict_runs(model)
+
+    @torch.inference_mode()
+    def row_frames(row):
+        return model(torch.from_numpy(row)[None, None])[0].numpy()
+    return row_frames
 
 
-def predict_lines(model, tta, paths, as_json=False):
+def read_number(model, tta, rows, path, name=None, max_pixels=None):
+    """The digits written in a row in an image file and their probabilities, the row reader `rows` a row_reader:
+    digit_image.read_number's (Reading, numpy (N, 10)) with the network run by torch."""
+    return digit_image.read_number(path, lambda digits: probabilities(model, digits, tta), rows, name, max_pixels)
+
+
+def predict_lines(model, tta, rows, paths, as_json=False):
     """What `python main.py predict` prints of each image file, as (line, kind): kind None for its answer (a line
     of digit_image.describe, or with `as_json` one JSON object), "note" for what the reading noticed, "error" for a
     file that cannot be read; the other files are still read."""
     for path in paths:
         try:
-            reading, probs = read_number(model, tta, path)
+            reading, probs = read_number(model, tta, rows, path)
         except digit_image.ImageError as e:
             yield f"error: {e}", "error"
             continue
@@ -101,18 +110,19 @@ def score_uci_digits(model, tta, half="report", count=None, data_dir="./data", p
     return result
 
 
-def score_number_cases(model, tta, data_dir, count=500, progress=False):
+def score_number_cases(model, tta, rows, data_dir, count=500, progress=False):
     """score_numbers on each of composed_numbers.CASES (overlapping, touching, apart, broken strokes), `count`
     numbers each from its own seed: {case: score_numbers' result, with "ms": milliseconds per number}."""
     result = {}
     for name, (gaps, broken, seed) in composed_numbers.CASES.items():
         start = time.perf_counter()
-        result[name] = score_numbers(model, tta, data_dir, count, seed, gaps=gaps, broken=broken, progress=progress)
+        result[name] = score_numbers(model, tta, rows, data_dir, count, seed, gaps=gaps, broken=broken,
+                                     progress=progress)
         result[name]["ms"] = 1000 * (time.perf_counter() - start) / count
     return result
 
 
-def score_single_digits(model, tta, data_dir, count=None, progress=False):
+def score_single_digits(model, tta, rows, data_dir, count=None, progress=False):
     """MNIST's test digits, each as its own PNG file (28x28, light on black), read by predict's whole path
     (read_number: a digit may be cut in two). Returns {"digits", "exact" (% read as the one right digit), "split"
     (% read as more than one digit)}; the other writers' split share is score_uci_splits'."""
@@ -122,13 +132,13 @@ def score_single_digits(model, tta, data_dir, count=None, progress=False):
     right = split = 0
     for image, label in tqdm(list(zip(images.numpy(), labels.tolist())), desc="single digits",
                              disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True):
-        _, probs = read_number(model, tta, io.BytesIO(composed_numbers.png(image)), name="a test digit")
+        _, probs = read_number(model, tta, rows, io.BytesIO(composed_numbers.png(image)), name="a test digit")
         right += len(probs) == 1 and int(probs[0].argmax()) == label
         split += len(probs) > 1
     return {"digits": len(labels), "exact": 100 * right / len(labels), "split": 100 * split / len(labels)}
 
 
-def score_uci_splits(model, tta, half="report", data_dir="./data", count=None, progress=False):
+def score_uci_splits(model, tta, rows, half="report", data_dir="./data", count=None, progress=False):
     """The share in % of other writers' single digits (uci_digits, each form's PNG files; the first `count`) that
     predict's whole path reads as more than one digit: {form: %}."""
     images, _ = uci_digits.unseen(data_dir) if half == "unseen" else uci_digits.known(half)
@@ -139,23 +149,23 @@ def score_uci_splits(model, tta, half="report", data_dir="./data", count=None, p
         split = 0
         for image in tqdm(images, desc=f"UCI splits ({form})", disable=not progress, leave=False,
                           mininterval=0.5, dynamic_ncols=True):
-            _, probs = read_number(model, tta, io.BytesIO(uci_digits.png(image, form)), name="a UCI digit")
+            _, probs = read_number(model, tta, rows, io.BytesIO(uci_digits.png(image, form)), name="a UCI digit")
             split += len(probs) > 1
         result[form] = 100 * split / len(images)
     return result
 
 
-def confidence_of(model, tta, png, name):
+def confidence_of(model, tta, rows, png, name):
     """How sure predict's path is of what an image file holds: the smallest top probability among the digits it
     reads (None when it reads none: a blank image)."""
     try:
-        _, probs = read_number(model, tta, io.BytesIO(png), name=name)
+        _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
     except digit_image.ImageError:
         return None
     return float(probs.max(1).min())
 
 
-def score_not_digits(model, tta, data_dir, count=200, seed=0, digits=1000, progress=False):
+def score_not_digits(model, tta, rows, data_dir, count=200, seed=0, digits=1000, progress=False):
     """Images that hold no digit (not_digits.FAMILIES, `count` each from `seed`) read through predict's path, against
     MNIST's first `digits` test digits as files of their own. Returns {family: {"images", "answered" (% read as
     digits), "confidence" (their mean), "auroc" (% chance a test digit is read more surely than one of these)}}."""
@@ -163,11 +173,11 @@ def score_not_digits(model, tta, data_dir, count=200, seed=0, digits=1000, progr
     images, _ = data_file.read_split(data_dir, "test")
     images = images.numpy()
     model = as_predict_runs(model)
-    sure = [confidence_of(model, tta, composed_numbers.png(a), "a test digit") for a in images[:digits]]
+    sure = [confidence_of(model, tta, rows, composed_numbers.png(a), "a test digit") for a in images[:digits]]
     sure = [c for c in sure if c is not None]
     result = {}
     for family in tqdm(not_digits.FAMILIES, desc="not digits", disable=not progress, leave=False):
-        found = [confidence_of(model, tta, png, f"an image of {family}")
+        found = [confidence_of(model, tta, rows, png, f"an image of {family}")
                  for png in not_digits.generate(family, count, seed, images)]
         answered = [c for c in found if c is not None]
         # An image read as nothing ranks below every digit: it was declined.
@@ -179,7 +189,8 @@ def score_not_digits(model, tta, data_dir, count=200, seed=0, digits=1000, progr
     return result
 
 
-def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test", progress=False, gaps=None, broken=False):
+def score_numbers(model, tta, rows, data_dir, count=1000, seed=0, split="test", progress=False, gaps=None,
+                  broken=False):
     """Numbers written with MNIST's `split` digits (composed_numbers.compose: 2-6 digits, 0-8 px apart), read
     through predict's path (each one's PNG file, read_number). Returns {"numbers", "exact" (% read exactly),
     "digits" (% of digits read right, in numbers whose digits were all found), "found" (% with as many digits as
@@ -191,7 +202,7 @@ def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test", progre
     model = as_predict_runs(model)
     for page, written, gap in tqdm(numbers, desc="numbers", disable=not progress, leave=False, mininterval=0.5,
                                    dynamic_ncols=True):
-        _, probs = read_number(model, tta, io.BytesIO(composed_numbers.png(page)), name="a composed number")
+        _, probs = read_number(model, tta, rows, io.BytesIO(composed_numbers.png(page)), name="a composed number")
         read = "".join(str(d) for d in probs.argmax(1))
         for table, key in ((by_length, len(written)), (by_gap, gap)):
             table.setdefault(key, []).append(read == written)
@@ -199,8 +210,8 @@ def score_numbers(model, tta, data_dir, count=1000, seed=0, split="test", progre
             found += 1
             digits_seen += len(written)
             digits_right += sum(a == b for a, b in zip(read, written))
-    exact = [read_right for rows in by_length.values() for read_right in rows]
-    table = lambda rows: {k: [len(v), 100 * sum(v) / len(v)] for k, v in sorted(rows.items())}
+    exact = [read_right for kept in by_length.values() for read_right in kept]
+    table = lambda kept: {k: [len(v), 100 * sum(v) / len(v)] for k, v in sorted(kept.items())}
     return {"numbers": len(numbers), "exact": 100 * sum(exact) / len(exact),
             "digits": 100 * digits_right / max(digits_seen, 1), "found": 100 * found / len(numbers),
             "by_length": table(by_length), "by_gap": table(by_gap)}

@@ -19,12 +19,14 @@ import torch
 
 import recipes
 from errors import UserError
-from model import MODELS, build_model
+from model import MODELS, ROW_MODELS, build_model
 
 RUNS = "runs"  # where main.py puts its run folders
 # The reader the repository ships (made by the command in README.md, its config and figures inside it): what
 # predict, serve, evaluate and export load when no checkpoint is named and runs/ holds none.
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "reader.pt")
+# The row reader it ships (model.RowNet, the rows-ctc recipe): how every reader finds the digits in a row.
+SHIPPED_ROWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "rows.pt")
 METRICS, CHECKPOINT, RESUME = "metrics.json", "model.pt", "resume.pt"
 UCI = "uci-digits.json"  # `python main.py evaluate --uci-digits`: the run's accuracy on the UCI digits, per form
 
@@ -239,20 +241,48 @@ def read_metrics(run_dir):
     return run
 
 
-def newest_checkpoint(root=RUNS):
-    """The most recently written <root>/*/model.pt, or None."""
-    found = glob.glob(os.path.join(root, "*", CHECKPOINT))
+def newest_checkpoint(root=RUNS, rows=False):
+    """The most recently written <root>/*/model.pt of a digit network (with rows, of a row reader), or None."""
+    found = [path for path in glob.glob(os.path.join(root, "*", CHECKPOINT))
+             if (run_model(os.path.dirname(path)) in ROW_MODELS) == rows]
     return max(found, key=os.path.getmtime) if found else None
 
 
-def load_named_checkpoint(path=None, model_name=None):
+def run_model(folder):
+    """The network a finished run folder trained, from its metrics (None when they cannot be read)."""
+    try:
+        with open(os.path.join(folder, METRICS)) as f:
+            return json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_named_checkpoint(path=None, model_name=None, rows_too=False):
     """(path, model, checkpoint) of a run folder (its model.pt) or a checkpoint file, or when `path` is None of the
-    newest run's, else the shipped reader (SHIPPED): how predict, evaluate, serve and export find what to load."""
+    newest run's, else the shipped reader (SHIPPED): how predict, evaluate, serve and export find what to load. A
+    row reader is refused unless rows_too (evaluate scores one): elsewhere it is named with --rows (load_row_reader)."""
+    path, model, checkpoint = load_named(path, model_name, newest_checkpoint(), SHIPPED)
+    if checkpoint["model_name"] in ROW_MODELS and not rows_too:
+        raise RunFolderError(f"{path} holds a row reader, not a digit network: name it with --rows")
+    return path, model, checkpoint
+
+
+def load_row_reader(path=None):
+    """(path, model, checkpoint) of a row reader (model.ROW_MODELS): a run folder or checkpoint file, or when
+    `path` is None the newest row reader's run, else the shipped one (SHIPPED_ROWS)."""
+    path, model, checkpoint = load_named(path, None, newest_checkpoint(rows=True), SHIPPED_ROWS)
+    if checkpoint["model_name"] not in ROW_MODELS:
+        raise RunFolderError(f"{path} holds a {checkpoint['model_name']!r} digit network, not a row reader")
+    return path, model, checkpoint
+
+
+def load_named(path, model_name, newest, shipped):
+    """load_named_checkpoint's and load_row_reader's search: the named path, else `newest`, else `shipped`."""
     if path and os.path.isdir(path):
         folder, path = path, os.path.join(path, CHECKPOINT)
         if not os.path.exists(path):
             raise RunFolderError(f"{folder}: {missing_checkpoint(folder)}")
-    path = path or newest_checkpoint() or (SHIPPED if os.path.exists(SHIPPED) else None)
+    path = path or newest or (shipped if os.path.exists(shipped) else None)
     if path is None:
         raise RunFolderError(f"no checkpoint in {RUNS}/: train one first with `python main.py`, or name one")
     return (path, *load_checkpoint(path, model_name))

@@ -8,7 +8,8 @@ The page posts the canvas as a PNG after every stroke; the answer comes from exa
 each digit's probabilities, box and the 28x28 image the network saw. This file needs no torch: the network is a
 `probabilities` function handed to Predictor (load_model: a checkpoint through torch, or an ONNX file through
 onnxruntime alone). Only two routes exist: GET / (the page) and POST /predict; nothing on disk is served by its
-path. What a client can cost is bounded: the body (MAX_BODY, checked before it is read), the pixels (MAX_PIXELS,
+path. What a client can cost is bounded: the body (MAX_BODY, checked before it is read; bodies over LARGE_BODY,
+phone photos, read a few at a time), the pixels (MAX_PIXELS,
 from the header; larger images are reduced as they are decoded, digit_image.MAX_SIDE), the images decoded at once
 (DECODES_AT_ONCE), the time a request may take to arrive (REQUEST_DEADLINE_S, then 408), and the connections open
 at once (MAX_CONNECTIONS, then 503). Every answer, the standard library's own refusals too, is JSON; a client that
@@ -31,7 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 import digit_image
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
-MAX_BODY = 1 << 20  # 1 MiB: a 280x280 canvas PNG is ~5-20 kB; a phone's at devicePixelRatio 3 under 200 kB
+MAX_BODY = 8 << 20  # 8 MiB: a phone's photo of a written number (3-5 MB); a canvas PNG is ~5-200 kB
+LARGE_BODY = 1 << 20  # bodies over 1 MiB (photos) are read LARGE_BODIES_AT_ONCE at a time ...
+LARGE_BODIES_AT_ONCE = 4  # ... so that MAX_CONNECTIONS slow uploads hold at most ~300 MB between them
 MAX_PIXELS = 4096 * 4096  # a small PNG can claim a huge canvas: refused from its header, never decoded
 DECODES_AT_ONCE = 2  # each decode of a 4096x4096 upload holds up to ~100 MB while it lasts
 REQUEST_DEADLINE_S = 10  # a request's line, headers and body must all arrive within this, however slowly sent
@@ -40,27 +43,31 @@ BACKLOG = 128  # connections the kernel holds while the server accepts: a burst 
 
 
 class Predictor:
-    """Answers for uploaded image bytes from `probabilities` (prepared digits (N, 28, 28) -> numpy (N, 10)): the
+    """Answers for uploaded image bytes from `probabilities` (prepared digits (N, 28, 28) -> numpy (N, 10)) and
+    the row reader's `row_frames` (digit_image.row_digits): the
     images read (digit_image.read_digits) by DECODES_AT_ONCE threads of its own, one forward pass at a time (the
     server is threaded). Decoding in a few fixed threads, not in every handler's, also keeps the memory an image
     needed in few allocator arenas, to be reused by the next image."""
 
-    def __init__(self, probabilities):
-        self._probabilities, self.lock = probabilities, threading.Lock()
+    def __init__(self, probabilities, row_frames):
+        self._probabilities, self._row_frames, self.lock = probabilities, row_frames, threading.Lock()
         self.decoder = ThreadPoolExecutor(DECODES_AT_ONCE, "decode")
 
     def probabilities(self, digits):
         with self.lock:
             return self._probabilities(digits)
 
+    def row_frames(self, row):
+        with self.lock:
+            return self._row_frames(row)
+
     def read(self, body):
-        return digit_image.read_digits(io.BytesIO(body), name="the uploaded image", max_pixels=MAX_PIXELS,
-                                       judge=lambda digits: self.probabilities(digits).max(1))
+        return digit_image.read_number(io.BytesIO(body), self.probabilities, self.row_frames,
+                                       name="the uploaded image", max_pixels=MAX_PIXELS)
 
     def __call__(self, body):
         """digit_image.answer's {"number", "digits", ...} for an uploaded image; ImageError if it holds none."""
-        reading = self.decoder.submit(self.read, body).result()
-        return digit_image.answer(reading, self.probabilities(reading.digits))
+        return digit_image.answer(*self.decoder.submit(self.read, body).result())
 
 
 def uploaded_image(content_type, body):
@@ -163,11 +170,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.send_json(413, {"error": f"the image is over {MAX_BODY:,} bytes: send a smaller one (a phone "
                                                 f"photo scaled to about 1,000 px on its longer side is ~200 kB)"},
                                   close=True)
+        large = int(length) > LARGE_BODY
+        if large and not self.server.large_bodies.acquire(blocking=False):
+            return self.send_json(503, {"error": f"{LARGE_BODIES_AT_ONCE} images over {LARGE_BODY:,} bytes are "
+                                                 f"being read already: try again, or send a smaller one"}, close=True)
+        try:  # a large body is held, read and answered, within its share of LARGE_BODIES_AT_ONCE
+            self.answer_body(int(length))
+        finally:
+            if large:
+                self.server.large_bodies.release()
+
+    def answer_body(self, length):
         try:
-            body = self.rfile.read(int(length))
+            body = self.rfile.read(length)
         except TimeoutError:
             body = b""
-        if len(body) < int(length):
+        if len(body) < length:
             if self.late():
                 return
             return self.send_json(400, {"error": "the body is shorter than its Content-Length"}, close=True)
@@ -201,6 +219,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.deadlines, self.lock = {}, threading.Lock()  # open connection -> its request's deadline, or None
         super().__init__(address, Handler)  # binds: an address in use fails here, and closes what it opened
         self.predictor, self.page = predictor, page
+        self.large_bodies = threading.BoundedSemaphore(LARGE_BODIES_AT_ONCE)
         threading.Thread(target=self.watch_deadlines, daemon=True).start()
 
     def process_request(self, request, client_address):
@@ -266,21 +285,27 @@ def cut(connection, how):
         pass
 
 
-def load_model(checkpoint=None, onnx=None):
-    """(a line saying what answers, its `probabilities` function) for Predictor: the ONNX file `onnx` run by
-    onnxruntime (torch is never imported), else the checkpoint (a model.pt or run folder; None: the newest
-    runs/*/model.pt). Either is loaded now, so a file that is not one is refused before the server starts."""
+def load_model(checkpoint=None, onnx=None, rows=None):
+    """(a line saying what answers, its `probabilities` function, its row reader's `row_frames`) for Predictor:
+    the ONNX file `onnx` and the rows.onnx beside it (or `rows`) run by onnxruntime (torch is never imported),
+    else the checkpoint (a model.pt or run folder; None: the newest runs/*/model.pt) and the row reader `rows`
+    (run_folder.load_row_reader). All are loaded now, so a file that is not one is refused before the server
+    starts."""
     if onnx:
         import onnx_model
         model = onnx_model.OnnxModel(onnx)
+        row_model = onnx_model.OnnxRows(rows or os.path.join(os.path.dirname(onnx), onnx_model.ROWS_FILE))
         return (f"{onnx}: {model.config.get('model', '?')}, recipe {model.config.get('recipe', '?')}, onnxruntime"
-                f"{', predicting with TTA' if model.tta else ''}"), model.probabilities
+                f"{', predicting with TTA' if model.tta else ''}; rows read by {row_model.path}"), \
+            model.probabilities, row_model.row_frames
     import reader
     import run_folder
     path, model, stored = run_folder.load_named_checkpoint(checkpoint)
+    rows_path, row_model, _ = run_folder.load_row_reader(rows)
     tta = ", predicting with TTA" if reader.checkpoint_tta(stored) else ""
-    line = f"{path}: {stored['model_name']}, recipe {stored.get('config', {}).get('recipe', '?')}{tta}"
-    return line, reader.digit_reader(model, stored)
+    line = f"{path}: {stored['model_name']}, recipe {stored.get('config', {}).get('recipe', '?')}{tta}; rows read " \
+           f"by {rows_path}"
+    return line, reader.digit_reader(model, stored), reader.row_reader(row_model)
 
 
 def make_server(predictor, host="127.0.0.1", port=8000):

@@ -1,6 +1,7 @@
 """python main.py serve: a real server on a free port, spoken to over HTTP by well-behaved and hostile clients;
 then the drawing page in a real headless Chromium (pytest -m browser). The fixtures are in conftest.py."""
 import http.client
+import io
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ import reader
 import run_folder
 import serve
 from conftest import (DATA_DIR, HERE, digit_tensor, draw_digit, http_request, in_process, one_line_error,
-                      png_claiming_size, predicted, raw_request, wait_for_answer, write_digit_variants)
+                      png_claiming_size, predicted, raw_request, shipped_row_reader, wait_for_answer,
+                      write_digit_variants)
 
 
 # --- the server over HTTP -----------------------------------------------------------------------------------
@@ -97,6 +99,32 @@ def test_server_answers_bad_requests_with_the_right_status_and_keeps_serving(stu
     short = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
     assert raw_request(server, short, b"x" * 10, shut=True)[0].split()[1] == "400"
     assert http_request(server, "GET", "/")[0] == 200  # still serving
+
+
+def test_a_phone_photo_of_several_megabytes_is_read_and_large_bodies_are_read_a_few_at_a_time(stub_server,
+                                                                                             test_digits):
+    # A 4000x3000 photo: paper with grain (what makes a phone's JPEG megabytes), a number written across it.
+    rng = np.random.default_rng(0)
+    paper = rng.normal(200, 12, (750, 1000)).clip(0, 255).astype(np.uint8)
+    for k in range(3):
+        paper[250:530, 200 + 220 * k:480 + 220 * k] = np.minimum(
+            paper[250:530, 200 + 220 * k:480 + 220 * k],
+            255 - np.asarray(Image.fromarray(test_digits[0][k].numpy()).resize((280, 280), Image.BILINEAR)))
+    photo = io.BytesIO()
+    Image.fromarray(paper).resize((4000, 3000), Image.NEAREST).save(photo, format="JPEG", quality=95)
+    body = photo.getvalue()
+    assert serve.LARGE_BODY < len(body) <= serve.MAX_BODY, len(body)
+    got, answer = http_request(stub_server, "POST", "/predict", body)
+    assert got == 200 and len(answer["number"]) == 3 and answer["digits"][0]["box"][0] >= 700  # boxes in its pixels
+    # Every share of LARGE_BODIES_AT_ONCE taken: the next large body is refused at once (503), a small one is not.
+    taken = [stub_server.large_bodies.acquire(blocking=False) for _ in range(serve.LARGE_BODIES_AT_ONCE)]
+    try:
+        assert all(taken) and http_request(stub_server, "POST", "/predict", body)[0] == 503
+        small = composed_numbers.png(test_digits[0][0].numpy())
+        assert http_request(stub_server, "POST", "/predict", small)[0] == 200
+    finally:
+        for _ in taken:
+            stub_server.large_bodies.release()
 
 
 def test_server_answers_concurrent_requests_each_its_own(stub_server, test_digits, tmp_path):
@@ -303,7 +331,8 @@ def test_serve_onnx_runs_without_torch_and_answers_as_the_torch_path(ressenet_8e
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         assert "onnxruntime, predicting with TTA" in lines[0] and lines[1].startswith("open http://127.0.0.1:"), lines
         port = int(lines[1].split(":")[2].split("/")[0])
-        torch_path = serve.Predictor(reader.digit_reader(ressenet_8epoch_run[1], {"config": {"tta": True}}))
+        torch_path = serve.Predictor(reader.digit_reader(ressenet_8epoch_run[1], {"config": {"tta": True}}),
+                                     shipped_row_reader())
         numbers = [n[0] for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 4, seed=7)]
         bodies = [composed_numbers.png(255 - test_digits[0][i].numpy()) for i in range(12)] + \
             [composed_numbers.png(page) for page in numbers]
@@ -527,13 +556,13 @@ def static_site(net_1epoch_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.browser
-def test_static_site_prepares_and_reads_as_python_does(browser, static_site, net_1epoch_checkpoint, test_digits):
+def test_static_site_prepares_and_reads_as_python_does(browser, static_site, net_1epoch_checkpoint, test_digits,
+                                                       rows):
     import base64
-    import io
     import onnx_model
     url, onnx_path, asked = static_site
     browser.get(url)
-    runner = onnx_model.OnnxModel(str(onnx_path))
+    row_runner = onnx_model.OnnxRows(str(onnx_path.with_name("rows.onnx")))
     model, _ = run_folder.load_checkpoint(net_1epoch_checkpoint)
     images, labels = test_digits
     right, worst = 0, 0.0
@@ -545,16 +574,15 @@ def test_static_site_prepares_and_reads_as_python_does(browser, static_site, net
         png = base64.b64decode(browser.execute_script("return document.getElementById('pad').toDataURL()")
                                .split(",")[1])
         ours = np.array(browser.execute_script("return window.lastInputs"), dtype=np.float32).reshape(-1, 28, 28)
-        python = digit_image.read_digits(io.BytesIO(png), "the canvas",
-                                         judge=lambda d: runner.probabilities(d).max(1)).digits
+        python = digit_image.read_digits(io.BytesIO(png), row_runner.row_frames, "the canvas").digits
         assert ours.shape == python.shape
         worst = max(worst, float(np.abs(ours - python).max()) * digit_image.STD)  # in pixels of 0..1
-        _, probs = reader.read_number(model, False, io.BytesIO(png))  # predict's own path, torch
+        _, probs = reader.read_number(model, False, rows, io.BytesIO(png))  # predict's own path, torch
         assert number == "".join(str(d) for d in probs.argmax(1))
         right += number == str(labels[i].item())
     print(f"static site: {right}/50 drawn digits read right; its 28x28 inputs within {worst * 255:.3f}/255 of "
           "Python's")
     assert worst <= 1 / 255 and right >= 45
-    assert all(not path.startswith("http") for path in asked) and "/model.onnx" in asked  # served from the folder
+    assert all(not path.startswith("http") for path in asked) and {"/model.onnx", "/rows.onnx"} <= set(asked)
     origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(u.startswith(url) for u in origins), origins  # nothing fetched from anywhere else

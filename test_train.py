@@ -50,6 +50,8 @@ PINNED = {
     "ressenet-wide-writers-clean-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, clean_epochs=2),
     "ressenet-micro-clean-40epoch": dict(SMALL_40, model="ressenet-micro"),
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
+    "rows-ctc": dict(model="rows", epochs=2, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
+                     final_div_factor=100.0, weight_decay=0.0005, val_size=10000, dropout=0.1),
 }
 
 
@@ -214,6 +216,23 @@ def test_clean_epochs_train_the_last_epochs_without_augmentation(mnist, monkeypa
                       on_epoch=lambda state: per_epoch.append(len(calls)))
     steps = data_file.num_batches(len(data["train"][1]), config.batch_size)
     assert per_epoch == [steps, steps, steps]  # augmented in epoch 1 only: the last 2 of 3 on the digits as they are
+
+
+@pytest.mark.slow
+def test_the_row_reader_resumed_after_an_epoch_ends_bit_for_bit_as_the_whole_run(monkeypatch):
+    # rows-ctc on 160 training digits (5 batches an epoch), 2 epochs: whole, and stopped after epoch 1 then resumed.
+    import row_train
+    monkeypatch.setattr(row_train, "ROWS_SCORED", 40)
+    config = recipes.recipe_config("rows-ctc", val_size=60_000 - 160, data_dir=DATA_DIR)
+    states = []
+    whole_model, whole = row_train.train_rows(config, log=quiet, progress=False, device="cpu",
+                                              on_epoch=states.append)
+    assert [r["steps"] for r in whole["epochs"]] == [5, 5] and len(states) == 2
+    resumed_model, resumed = row_train.train_rows(config, log=quiet, progress=False, device="cpu",
+                                                  resume=states[0])
+    assert without_timings(resumed) == without_timings(whole)
+    for k, v in whole_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
 
 
 # --- real training, real thresholds (slow) ------------------------------------------------------------------
