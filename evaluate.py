@@ -77,12 +77,13 @@ def evaluation_lines(model, config, split, recorded, log=print, device="auto"):
     return lines
 
 
-def uci_lines(checkpoint_path, model, tta, data_dir, progress=True):
-    """Score the UCI digits (the 13 writers' report half; the 30 unseen writers when their file can be had),
-    record both beside the checkpoint, and yield what `evaluate --uci-digits` prints."""
-    accuracy = reader.score_uci_digits(model, tta, progress=progress)
+def uci_lines(checkpoint_path, model, tta, rows, data_dir, progress=True):
+    """Score the UCI digits (the 13 writers' report half; the 30 unseen writers when their file can be had) with
+    the row reader `rows` (a row_reader), record both beside the checkpoint, and yield what `evaluate
+    --uci-digits` prints."""
+    accuracy = reader.score_uci_digits(model, tta, rows, progress=progress)
     try:
-        unseen = reader.score_uci_digits(model, tta, "unseen", data_dir=data_dir, progress=progress)
+        unseen = reader.score_uci_digits(model, tta, rows, "unseen", data_dir=data_dir, progress=progress)
     except data_file.DataError as e:  # the 13 writers are still scored and recorded
         unseen = None
         yield f"UCI digits, 30 writers unseen: not scored: {e}"
@@ -152,7 +153,7 @@ def evaluation_report(path, model, checkpoint, split="test", device="auto", data
     tta = reader.checkpoint_tta(checkpoint)
     rows = rows and reader.row_reader(rows)
     if uci_digits:
-        yield from uci_lines(path, model, tta, config.data_dir, progress)
+        yield from uci_lines(path, model, tta, rows, config.data_dir, progress)
     if numbers:
         yield from number_lines(reader.score_numbers(model, tta, rows, config.data_dir, numbers, progress=progress))
         yield from case_lines(reader.score_number_cases(model, tta, rows, config.data_dir, progress=progress),

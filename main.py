@@ -179,14 +179,14 @@ def evaluate_command(argv):
                    help="also read 200 images of each kind that holds no digit (letters, symbols, scribbles, shapes, "
                         "blots, parts of digits; drawn from a fixed seed with Debian's DejaVu and Liberation fonts): "
                         "how many are answered as digits, and how surely against test digits (AUROC)")
-    p.add_argument("--rows", help=ROWS_HELP + "; with --numbers and --not-digits")
+    p.add_argument("--rows", help=ROWS_HELP + "; with --uci-digits, --numbers and --not-digits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for the UCI digits and numbers")
     args = p.parse_args(argv)
     if args.not_digits:
         import not_digits
         not_digits.check_fonts()  # before minutes of scoring, not after
     path, model, checkpoint = run_folder.load_named_checkpoint(args.run, rows_too=True)
-    rows = run_folder.load_row_reader(args.rows)[1] if (args.numbers or args.not_digits) else None
+    rows = run_folder.load_row_reader(args.rows)[1] if (args.uci_digits or args.numbers or args.not_digits) else None
     for line in evaluate.evaluation_report(path, model, checkpoint, args.split, args.device, args.data_dir,
                                            rows=rows, uci_digits=args.uci_digits, numbers=args.numbers,
                                            not_digits=args.not_digits, log=say,

@@ -86,10 +86,10 @@ def predict_lines(model, tta, rows, paths, as_json=False):
             yield f"{path}: {reading.note}", "note"
 
 
-def score_uci_digits(model, tta, half="report", count=None, data_dir="./data", progress=False):
-    """Accuracy in % on the UCI digits in each of uci_digits.FORMS, through predict's own path: each digit's PNG
-    file, digit_image.read_digit, then probabilities one image at a time (TTA when the run used it), so each
-    figure is what `python main.py predict` says of those files. Returns {form: accuracy}.
+def score_uci_digits(model, tta, rows, half="report", count=None, data_dir="./data", progress=False):
+    """Accuracy in % on the UCI digits in each of uci_digits.FORMS, through predict's whole path: each digit's PNG
+    file read by read_number (the row reader `rows`; TTA when the run used it), right when it is read as the one
+    right digit, so each figure is what `python main.py predict` says of those files. Returns {form: accuracy}.
     half: "choose" or "report" (scikit-learn's 13 writers), or "unseen" (the 30 other writers, fetched into
     data_dir). count: only the first `count` digits (for tests). progress: a bar on stderr."""
     images, labels = uci_digits.unseen(data_dir) if half == "unseen" else uci_digits.known(half)
@@ -102,8 +102,8 @@ def score_uci_digits(model, tta, half="report", count=None, data_dir="./data", p
         right = 0
         for image, label in zip(images, labels.tolist()):
             png = io.BytesIO(uci_digits.png(image, form))
-            digit = digit_image.read_digit(png, name=f"a UCI digit ({form})")
-            right += int(probabilities(model, digit[None], tta)[0].argmax()) == label
+            _, probs = read_number(model, tta, rows, png, name=f"a UCI digit ({form})")
+            right += len(probs) == 1 and int(probs[0].argmax()) == label
             bar.update()
         result[form] = 100 * right / len(labels)
     bar.close()

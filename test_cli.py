@@ -637,8 +637,9 @@ def test_predict_scores_as_the_checkpoint_was_scored(ressenet_8epoch_run, ressen
 
 @pytest.mark.slow
 def test_the_shipped_readers_read_as_the_readme_says():
-    # README: test 99.61% single-view, 99.65% with TTA (AMD EPYC); numbers read exactly, 500 each: SHIPPED_NUMBERS.
-    # Other CPUs round by a few hundredths; here the first 200 of each case (fixed seeds) and 2,000 single digits.
+    # README: test 99.61% single-view, 99.65% with TTA (AMD EPYC); of 500 numbers each, 97.8% 2-8 px apart, 93.0%
+    # touching, 78.8% overlapping, 84.8% broken; single test digits 99.44%. Here the first 250 of each case (the
+    # same seeds) and 1,000 single digits, on the AMD EPYC: SHIPPED_FIRST; other CPUs round by a few hundredths.
     model, checkpoint = run_folder.load_checkpoint(run_folder.SHIPPED)
     config = dataclasses.replace(recipes.config_from_dict(checkpoint["config"]), data_dir=DATA_DIR)
     assert (config.recipe, config.seed, checkpoint["model_name"]) == ("ressenet-wide-writers-clean-30epoch", 1,
@@ -648,16 +649,16 @@ def test_the_shipped_readers_read_as_the_readme_says():
     _, row_model, row_checkpoint = run_folder.load_row_reader(run_folder.SHIPPED_ROWS)
     assert (row_checkpoint["config"]["recipe"], row_checkpoint["config"]["seed"]) == ("rows-ctc", 1)
     rows = reader.row_reader(row_model)
-    cases = reader.score_number_cases(model, True, rows, DATA_DIR, count=200)
+    cases = reader.score_number_cases(model, True, rows, DATA_DIR, count=250)
     print({name: r["exact"] for name, r in cases.items()})
-    for name, floor in SHIPPED_NUMBERS.items():
-        assert cases[name]["exact"] >= floor - 2, (name, cases[name]["exact"])  # 200 of the 500: within 2 points
-    singles = reader.score_single_digits(model, True, rows, DATA_DIR, count=2000)
-    assert singles["exact"] >= 99.0 and singles["split"] <= 0.5, singles
+    for name, floor in SHIPPED_FIRST.items():
+        assert cases[name]["exact"] >= floor - 0.5, (name, cases[name]["exact"])
+    singles = reader.score_single_digits(model, True, rows, DATA_DIR, count=1000)
+    assert singles["exact"] >= 99.2 - 0.2 and singles["split"] <= 0.3 + 0.2, singles
 
 
-SHIPPED_NUMBERS = {"2-8 px apart": 97.8, "touching, 0-1 px": 93.0, "overlapping, -2 px": 78.8,
-                   "broken strokes, 2-8 px apart": 84.8}  # README, the shipped readers, 500 numbers each
+SHIPPED_FIRST = {"2-8 px apart": 98.4, "touching, 0-1 px": 92.0, "overlapping, -2 px": 76.4,
+                 "broken strokes, 2-8 px apart": 86.8}  # the first 250 of each case, AMD EPYC
 
 
 @pytest.mark.slow
@@ -800,8 +801,9 @@ def test_predict_answers_one_digit_as_before(net_1epoch_checkpoint, test_digits,
 def test_export_computes_what_the_checkpoint_does_and_int8_stays_close(ressenet_8epoch_run, ressenet_8epoch_onnx):
     import onnx
     float_path, int8_path, printed = ressenet_8epoch_onnx
-    lines = printed.strip().splitlines()[-2:]
+    *lines, rows_line = printed.strip().splitlines()[-3:]
     assert lines[0].startswith(f"{float_path}: ") and "the same prediction as torch on 10,000 of 10,000" in lines[0]
+    assert rows_line.startswith(f"{float_path.with_name('rows.onnx')}: the row reader") and "200 of 200" in rows_line
     assert float(re.search(r"within (\S+)$", lines[0]).group(1)) <= 1e-4
     accuracy = [float(re.search(r"test accuracy ([\d.]+)%", line).group(1)) for line in lines]
     assert accuracy[0] == pytest.approx(ressenet_8epoch_run[2]["test_acc"], abs=1e-9)  # the checkpoint's own figure
@@ -812,7 +814,7 @@ def test_export_computes_what_the_checkpoint_does_and_int8_stays_close(ressenet_
     assert float(meta["test_acc"]) == accuracy[0]
     shape = onnx.load(str(float_path)).graph.input[0].type.tensor_type.shape.dim
     assert shape[0].dim_param and [d.dim_value for d in shape[1:]] == [1, 28, 28]  # a batch of any size
-    assert sorted(p.name for p in float_path.parent.iterdir()) == ["model.int8.onnx", "model.onnx"]  # no temp files
+    assert sorted(p.name for p in float_path.parent.iterdir()) == ["model.int8.onnx", "model.onnx", "rows.onnx"]  # no temp
 
 
 @pytest.mark.slow
