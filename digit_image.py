@@ -1,14 +1,15 @@
 """Images of handwriting as MNIST's digits, with numpy, Pillow and scipy alone (no torch): the one preparation
-that `predict`, the server and the UCI scoring share.
+that `predict`, the server and the UCI scoring share; digits.js is the same in the browser.
 
-    reading = read_digits("number.png", judge=...)   # reading.digits (N, 28, 28), normalised; .boxes; .note
+    reading, probs = read_number("number.png", probabilities, row_frames)  # the networks as functions
 
-An image holds one line of digits written left to right (one digit is a line of one). The line's ink is cut
-into digits (find_digits): connected pieces of ink; specks dropped; pieces one above the other joined (a 5's
-flag), and a short piece beside its neighbour joined when the network (the judge) is surer of them as one digit
-(an open 4, a broken stroke); a piece too wide for one digit cut where its ink is thinnest and the network is
-surest of both parts. Each digit is then prepared as MNIST's were (centred): cropped to its ink, its longer side
-scaled to 20 px, placed by its centre of mass in 28x28, normalised. How well numbers read: `evaluate --numbers`.
+An image holds one line of digits written left to right (one digit is a line of one). The row reader (a
+model.RowNet, run by torch or onnxruntime as `row_frames`) reads the line's ink as a whole and says how many
+digits there are and where (row_digits); the ink is parted between them, a connected piece wholly to one digit
+unless it spans a parting (digits that touch), where it is cut. Each digit is then prepared as MNIST's were
+(centred): cropped to its ink, its longer side scaled to 20 px, placed by its centre of mass in 28x28,
+normalised, and read by the digit network (`probabilities`); where a digit was cut or the digit network is
+unsure, the row reader's probabilities count too (combined). How well numbers read: `evaluate --numbers`.
 """
 import base64
 import functools

@@ -10,8 +10,9 @@ written to a temporary name and checked before it takes its own: the float model
 as torch on every test digit and log-probabilities within MAX_DIFFERENCE; the int8 model at most MAX_INT8_LOSS
 points of test accuracy under the float one. A file that fails is removed and the export is an error.
 
+The row reader goes beside it as rows.onnx (export_rows: checked against torch on composed test rows).
 --web DIR writes a folder any static host serves: the page (draw.html as index.html), digits.js (digit_image's
-preparation in JavaScript, its constants in settings.js), the checked ONNX model, and onnxruntime-web's
+reading in JavaScript, its constants in settings.js), both checked ONNX models, and onnxruntime-web's
 runtime from the npm package ORT_WEB (fetched with npm; nothing is fetched from elsewhere when the page runs).
 """
 import json

@@ -1,9 +1,9 @@
 """Reading digits and numbers from image files with a trained network: what `predict`, the server and
 `evaluate --uci-digits / --numbers / --not-digits` answer, all through one path.
 
-An image is cut into digits and each prepared as MNIST's were by digit_image.py (numpy and Pillow, shared with
-the torch-free server); here the network reads them, one batch per image, with test-time augmentation when the
-checkpoint's run was scored with it. The figures scored here (other writers' digits, composed numbers) are what
+The row reader finds the digits of an image and each is prepared as MNIST's were by digit_image.py (numpy and
+Pillow, shared with the torch-free server); here torch runs both networks, the digit network on one batch per
+image, with test-time augmentation when the checkpoint's run was scored with it. The figures scored here (other writers' digits, composed numbers) are what
 `python main.py predict` says of the same files.
 """
 import copy

@@ -20,6 +20,7 @@ import statistics
 
 import recipes
 import run_folder
+from model import ROW_MODELS
 
 # What a row averages over, and what changes no figure: the device asked for is folded into the one the run
 # recorded (a --device cpu run on a machine without a GPU is the default run).
@@ -175,11 +176,13 @@ def to_markdown(rows):
     keep = [i for i in range(len(COLUMNS)) if i not in shared and (i != unseen or any(r[i] != "—" for r in table))]
     lines = ["| " + " | ".join(COLUMNS[i] for i in keep) + " |",
              "|" + "|".join("---:" if COLUMNS[i] in RIGHT else "---" for i in keep) + "|"]
-    for c in table:
-        c[0] = f"`{c[0]}`"
+    for row, c in zip(rows, table):
+        c[0] = f"`{c[0]}`" + (" †" if row.model in ROW_MODELS else "")
         lines.append("| " + " | ".join(c[i] for i in keep) + " |")
     if shared:
         lines += ["", "Every row: " + ", ".join(f"{COLUMNS[i]} {table[0][i]}" for i in shared) + "."]
+    if any(row.model in ROW_MODELS for row in rows):
+        lines += ["", "†: a row reader; its test figure is the share of composed test rows it reads exactly alone."]
     return "\n".join(lines) + "\n"
 
 

@@ -157,8 +157,7 @@ def train_row_epoch(model, optimizer, scheduler, batches, steps, clip_grad, desc
     for step, rows in enumerate(bar, 1):
         x, targets, lengths = row_batch(rows)
         log_probs = model(x.to(device))
-        loss = ctc_loss(log_probs.cpu() if device.type == "mps" else log_probs, targets.to(device),
-                        lengths.to(device))
+        loss = ctc_loss(log_probs, targets.to(device), lengths.to(device))
         value = loss.item()
         if not math.isfinite(value):
             raise model_train.NonFiniteLoss(f"loss became {value} at step {step} of {steps}")

@@ -4,10 +4,10 @@
     python main.py serve --checkpoint runs/X --port 8080
 
 The page posts the canvas as a PNG after every stroke; the answer comes from exactly `predict`'s path
-(digit_image.read_digits, then the network, with TTA when the checkpoint's run was scored with it): the number, and
-each digit's probabilities, box and the 28x28 image the network saw. This file needs no torch: the network is a
-`probabilities` function handed to Predictor (load_model: a checkpoint through torch, or an ONNX file through
-onnxruntime alone). Only two routes exist: GET / (the page) and POST /predict; nothing on disk is served by its
+(digit_image.read_number: the row reader, then the digit network, with TTA when the checkpoint's run was scored
+with it): the number, and each digit's probabilities, box and the 28x28 image the network saw. This file needs no
+torch: the networks are functions handed to Predictor (load_model: checkpoints through torch, or ONNX files
+through onnxruntime alone). Only two routes exist: GET / (the page) and POST /predict; nothing on disk is served by its
 path. What a client can cost is bounded: the body (MAX_BODY, checked before it is read; bodies over LARGE_BODY,
 phone photos, read a few at a time), the pixels (MAX_PIXELS,
 from the header; larger images are reduced as they are decoded, digit_image.MAX_SIDE), the images decoded at once
