@@ -80,10 +80,10 @@ def png(page):
 
 def training_row(images, labels, rng):
     """One row of handwriting to train the row reader on, drawn from rng: (ink float32 (H, W) in [0, 1], light on
-    black, its digits as a list). 1 to 8 digits of `images` (uint8 (N, 28, 28)) as people write them: each
-    0.7-1.3 times its size, 0.85-1.15 times as wide, the row slanted by up to 0.3, strokes thickened, thinned
-    or made blocky (a small bitmap enlarged) for some rows, a third of the digits with a broken stroke; gaps from 4 px of overlap to wide (at MNIST's
-    28-px scale), each digit up or down by up to 3 px, on a baseline that drifts."""
+    black, its digits as a list). 1 to 8 digits of `images` (uint8 (N, 28, 28)) as people write them: each 0.7-1.3
+    times its size, 0.85-1.15 times as wide, the row slanted by up to 0.3, strokes thickened, thinned or made blocky
+    (a small bitmap enlarged) for some rows, a third of the digits with a broken stroke; gaps from 4 px of overlap
+    to wide (at MNIST's 28-px scale), each digit up or down by up to 3 px, on a baseline that drifts."""
     length = 1 if rng.random() < 0.2 else int(rng.integers(2, 9))
     picks = rng.integers(0, len(labels), length)
     slant = rng.uniform(-0.3, 0.3)

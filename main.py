@@ -104,7 +104,8 @@ def run(args):
     model_train.pick_device(args.device)  # an unavailable device is refused before anything is written
     rows = run.config.model in ROW_MODELS
     with run:
-        model, metrics = row_train.trainer(run.config)(run.config, log=say, progress=not args.no_progress, on_epoch=run.on_epoch,
+        train = row_train.trainer(run.config)  # model_train.train, or row_train.train_rows for a row reader
+        model, metrics = train(run.config, log=say, progress=not args.no_progress, on_epoch=run.on_epoch,
                                resume=run.state, device=args.device, dry_run=args.dry_run)
         import plots  # only now, once training has let go of its working memory: matplotlib adds ~50 MB
         run.finish(model, metrics, draw=None if rows else plots.save_plots)  # a row reader's figures: evaluate

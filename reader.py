@@ -2,9 +2,9 @@
 `evaluate --uci-digits / --numbers / --not-digits` answer, all through one path.
 
 The row reader finds the digits of an image and each is prepared as MNIST's were by digit_image.py (numpy and
-Pillow, shared with the torch-free server); here torch runs both networks, the digit network on one batch per
-image, with test-time augmentation when the checkpoint's run was scored with it. The figures scored here (other writers' digits, composed numbers) are what
-`python main.py predict` says of the same files.
+Pillow, shared with the torch-free server); here torch runs both networks, the digit network on one batch per image,
+with test-time augmentation when the checkpoint's run was scored with it. The figures scored here (other writers'
+digits, composed numbers) are what `python main.py predict` says of the same files.
 """
 import copy
 import io
