@@ -294,17 +294,18 @@ def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, j
     """The digits written in a row in an image file, as a Reading: found by the row reader (`rows`, see
     row_digits), each prepared as MNIST's were. Ink no wider than ONE_DIGIT_WIDTH x its height that the row
     reader parts is one digit if `judge` (the digit network's probabilities of prepared digits, (N, 28, 28) ->
-    (N, 10)) is surer of it whole than of the parts together. An image read as one digit, nothing left out,
-    reads exactly as read_digit does; more than max_digits digits is an ImageError."""
+    (N, 10)) is surer of it whole than the parts' answers (combined) are together. An image read as one digit,
+    nothing left out, reads exactly as read_digit does; more than max_digits digits is an ImageError."""
     name = path if name is None else name
     gray, scale = decode(path, name, max_pixels)
     ink = ink_of(gray, name)
     masks, note, row_probs, cut = row_digits(ink, rows)
+    digits = [centred(own_ink(ink, m)) for m in masks]
     ys, xs = np.nonzero(ink > INK)
     if len(masks) > 1 and not note and judge is not None and np.ptp(xs) + 1 <= ONE_DIGIT_WIDTH * (np.ptp(ys) + 1):
         # no wider than one digit can be: one digit (a broken 5, a wide 0), unless the parts, read as they would
         # be answered (combined), are surer together than the digit network of the whole
-        probs = judge(np.stack([centred(ink), *(centred(own_ink(ink, m)) for m in masks)]))
+        probs = judge(np.stack([centred(ink), *digits]))
         parts = combined(Reading(probs[1:], [], row_probabilities=row_probs, cut=cut), probs[1:])
         if probs[0].max() >= np.prod(parts.max(1)):
             masks, row_probs, cut = [ink > INK], [np.full(10, 0.1)], [False]
@@ -312,8 +313,6 @@ def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, j
         raise ImageError(f"{name}: {len(masks)} digits found, more than the {max_digits} a number may have")
     if len(masks) == 1 and np.array_equal(masks[0], ink > INK):
         digits = [centred(ink)]  # nothing left out: the whole image, exactly as one digit is read
-    else:
-        digits = [centred(own_ink(ink, m)) for m in masks]
     boxes = []
     for m in masks:
         ys, xs = np.nonzero(m)

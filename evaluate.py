@@ -21,13 +21,18 @@ class NoValidationSplit(UserError):
     """A run that held out no validation split was asked to score one."""
 
 
+def check_split(config, split):
+    """NoValidationSplit when `split` is "val" and the run held none out."""
+    if split == "val" and not config.val_size:
+        raise NoValidationSplit("this run held out no validation split (its val_size is 0); score --split test")
+
+
 def rescore(model, config, split="test", log=print, device="auto"):
     """Score a trained network again, as its run scored it: the test set or the validation split the run held
     out (rebuilt from config.seed and config.val_size), with the kernels and memory layout training used,
     single-view and, when config.tta, with TTA. Returns score()'s figures without a prefix ("acc", "loss",
     "acc_tta", ...), the confusion matrix of the prediction the run is scored on, and "images"."""
-    if split == "val" and not config.val_size:
-        raise NoValidationSplit("this run held out no validation split (its val_size is 0); score --split test")
+    check_split(config, split)
     device = model_train.pick_device(device)
     data = data_file.load_mnist(config.data_dir, val_size=config.val_size, split_seed=config.seed, device=device,
                                 log=log)
@@ -41,8 +46,7 @@ def rescore(model, config, split="test", log=print, device="auto"):
 def row_lines(model, config, split, recorded):
     """What `evaluate` prints of a row reader: the share of ROWS_SCORED rows composed from the test digits (or the
     validation split's) it reads exactly on its own, as its run scored them, and what the run recorded."""
-    if split == "val" and not config.val_size:
-        raise NoValidationSplit("this run held out no validation split (its val_size is 0); score --split test")
+    check_split(config, split)
     data_file.ensure_mnist(config.data_dir)
     rows = row_train.composed_rows(*row_train.raw_splits(config)[split], row_train.ROWS_SCORED,
                                    row_train.SCORE_SEEDS[split])
