@@ -1,15 +1,18 @@
 """Training augmentation, each kind drawn per batch from the run's own generator (so a seed fixes every draw,
 and a resumed run draws on where it stopped): shifts, rotations and scaling; other writers' looks (thicker,
 coarse or blurred strokes); the 1s and 9s as other writers draw them. `augmentation(config, generator)` is what
-a Config asks for, as one function of a batch.
+a Config asks for, as one function of a batch. `negative_batches`: for a reader that learns to say "not a digit",
+the images with no digit that join each batch, drawn the same way.
 
 Each works on a whole batch of normalised images on their device, in a few batched tensor operations.
 """
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import not_digits
 from digit_image import MEAN, STD
 
 
@@ -181,3 +184,32 @@ def random_digit_variants(images, labels, generator, fraction=0.5):
     images = images.clone()
     images[chosen] = ((out - MEAN) / STD)[:, None]
     return images
+
+
+NEGATIVES = 20_000  # images with no digit drawn for a declining reader's run (not_digits.training_images) ...
+NEGATIVE_SHARE = 4  # ... each batch of digits joined by batch_size / NEGATIVE_SHARE of them ...
+TYPED = 2_000  # ... and by batch_size / TYPED_SHARE typed digits, drawn as the letters are (not_digits.typed_digits)
+TYPED_SHARE = 16
+
+
+def negative_batches(config, x_train, y_train, generator, device, log):
+    """For a declining reader (config.not_digits): `draw(augment)`, (images, labels) to join a batch of digits:
+    batch_size / NEGATIVE_SHARE images with no digit (label -1) from NEGATIVES drawn from the run's seed (no more
+    than the training digits: a dry run's few; parts of digits from its training split), then batch_size /
+    TYPED_SHARE digits typed in the same fonts as the letters (their labels), so that how an image was drawn never
+    tells a digit from a non-digit. Picked by `generator` and given the digits' augmentation unless it is None."""
+    digits = (x_train[:, 0].cpu() * STD + MEAN).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+    bank = not_digits.training_images(min(NEGATIVES, len(digits)), config.seed, digits, y_train.cpu().numpy())
+    typed, typed_labels = not_digits.typed_digits(min(TYPED, len(digits)), config.seed)
+    bank = torch.from_numpy(np.concatenate([bank, typed]))[:, None].to(device)
+    labels = torch.cat([torch.full((len(bank) - len(typed),), -1), torch.from_numpy(typed_labels)]).to(device)
+    count, typed_count = max(1, config.batch_size // NEGATIVE_SHARE), max(1, config.batch_size // TYPED_SHARE)
+    log(f"not a digit: {len(bank) - len(typed):,} images of {len(not_digits.FAMILIES) - len(not_digits.HELD_OUT)} "
+        f"families, {count} with every batch, weight {config.not_digits}; {typed_count} typed digits with it")
+
+    def draw(augment):
+        pick = torch.cat([torch.randint(len(bank) - len(typed), (count,), generator=generator),
+                          torch.randint(len(bank) - len(typed), len(bank), (typed_count,), generator=generator)])
+        x, y = bank[pick.to(device)], labels[pick.to(device)]
+        return (x if augment is None else augment(x, y)), y
+    return draw

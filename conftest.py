@@ -164,6 +164,23 @@ def untrained_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def declining_folder(tmp_path_factory):
+    """A run folder holding an untrained ressenet-nd whose threshold (1.5) is over any probability: it
+    declines every mark, for the tests of how "not a digit" is said (the shipped reader's test measures how well)."""
+    import model
+    folder = tmp_path_factory.mktemp("declining") / "run"
+    folder.mkdir()
+    config = recipes.recipe_config("ressenet-nd-writers-clean-30epoch", data_dir=DATA_DIR)
+    torch.manual_seed(config.seed)
+    net = model.build_model(config.model).eval()
+    net.threshold.fill_(1.5)
+    metrics = {"recipe": config.recipe, "model": config.model, "parameters": model.count_parameters(net),
+               "seed": config.seed, "epochs": []}
+    run_folder.save(str(folder), dataclasses.asdict(config), net, metrics)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def stub_server(untrained_folder):
     """The server answering with an untrained network: every route, limit and refusal of the protocol, without
     training anything first."""
@@ -242,7 +259,8 @@ def start_server(checkpoint):
     """serve.make_server on a free port with `checkpoint`, serving from a thread; stop it with stop_server."""
     import serve
     model, loaded = run_folder.load_checkpoint(checkpoint)
-    srv = serve.make_server(serve.Predictor(reader.digit_reader(model, loaded), shipped_row_reader()), port=0)
+    srv = serve.make_server(serve.Predictor(reader.digit_reader(model, loaded), shipped_row_reader(),
+                                            reader.decline_threshold(model)), port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
 

@@ -290,12 +290,14 @@ def own_ink(ink, mask):
     return ink * ndimage.binary_dilation(mask, np.ones((3, 3)))
 
 
-def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, judge=None):
+def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, judge=None, threshold=0.0):
     """The digits written in a row in an image file, as a Reading: found by the row reader (`rows`, see
     row_digits), each prepared as MNIST's were. Ink no wider than ONE_DIGIT_WIDTH x its height that the row
     reader parts is one digit if `judge` (the digit network's probabilities of prepared digits, (N, 28, 28) ->
-    (N, 10)) is surer of it whole than the parts' answers (combined) are together. An image read as one digit,
-    nothing left out, reads exactly as read_digit does; more than max_digits digits is an ImageError."""
+    (N, 10)) is surer of it whole than the parts' answers (combined) are together, and one mark that is not a
+    digit if the judge declines it whole (its top probability under `threshold`: a letter is not two digits). An
+    image read as one digit, nothing left out, reads exactly as read_digit does; more than max_digits digits is
+    an ImageError."""
     name = path if name is None else name
     gray, scale = decode(path, name, max_pixels)
     ink = ink_of(gray, name)
@@ -307,7 +309,7 @@ def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, j
         # be answered (combined), are surer together than the digit network of the whole
         probs = judge(np.stack([centred(ink), *digits]))
         parts = combined(Reading(probs[1:], [], row_probabilities=row_probs, cut=cut), probs[1:])
-        if probs[0].max() >= np.prod(parts.max(1)):
+        if probs[0].max() >= np.prod(parts.max(1)) or probs[0].max() < threshold:
             masks, row_probs, cut = [ink > INK], [np.full(10, 0.1)], [False]
     if len(masks) > max_digits:
         raise ImageError(f"{name}: {len(masks)} digits found, more than the {max_digits} a number may have")
@@ -326,19 +328,22 @@ def combined(reading, probabilities):
     its own and which the digit network is sure of; their product with the row reader's (Reading.row_probabilities),
     renormalised, for one cut from a neighbour (digits that touch or overlap: its crop holds some of the
     neighbour's ink) or whose top probability is under UNSURE (a broken stroke), since the row reader was trained
-    on such rows and the digit network on whole digits alone. Chosen on validation rows (docs/experiments.md)."""
+    on such rows and the digit network on whole digits alone. Chosen on validation rows (docs/experiments.md). The
+    product keeps the digit network's total: what a network with a "not a digit" output gives that, it still gives.
+    """
     probabilities = np.asarray(probabilities, dtype=np.float64)
     both = probabilities * np.asarray(reading.row_probabilities, dtype=np.float64)
-    both /= both.sum(1, keepdims=True)
+    both *= probabilities.sum(1, keepdims=True) / both.sum(1, keepdims=True)
     unsure = np.asarray(reading.cut) | (probabilities.max(1) < UNSURE)
     return np.where(unsure[:, None], both, probabilities)
 
 
-def read_number(path, probabilities, rows, name=None, max_pixels=None):
+def read_number(path, probabilities, rows, name=None, max_pixels=None, threshold=0.0):
     """(Reading, probabilities (N, 10)) of the number in an image file: read_digits with the digit network's
-    `probabilities` ((N, 28, 28) -> (N, 10)) as the judge and the row reader's `rows`, then combined: what
-    `predict`, the server and the page answer, whichever runs the networks (torch or onnxruntime)."""
-    reading = read_digits(path, rows, name, max_pixels, judge=probabilities)
+    `probabilities` ((N, 28, 28) -> (N, 10)) as the judge, the confidence under which it declines (`threshold`)
+    and the row reader's `rows`, then combined: what `predict`, the server and the page answer, whichever runs
+    the networks (torch or onnxruntime)."""
+    reading = read_digits(path, rows, name, max_pixels, judge=probabilities, threshold=threshold)
     return reading, combined(reading, probabilities(reading.digits))
 
 
@@ -352,31 +357,49 @@ def preview_png(digit):
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def describe(probabilities):
+def declined(probabilities, threshold):
+    """(N,) bool: the digits a reader that declines under `threshold` (its model's; 0: one that never declines)
+    does not read, their top probability below it: each such mark is "not a digit"."""
+    return np.asarray(probabilities).max(1) < threshold
+
+
+def describe(probabilities, threshold=0.0):
     """`predict`'s line for one image's digits (probabilities (N, 10)): one digit and its three likeliest,
-    "7  (7 99.8%, 2 0.1%, 3 0.1%)"; a number and each digit's confidence, "45  (4 99.9%, 5 99.1%)"."""
+    "7  (7 99.8%, 2 0.1%, 3 0.1%)"; a number and each digit's confidence, "45  (4 99.9%, 5 99.1%)". A mark under
+    `threshold` is a ? ("4?89"), and an image with no mark read is "not a digit  (best guess 4, 31.0%)"."""
+    unread = declined(probabilities, threshold)
+    digits = probabilities.argmax(1)
+    if unread.all():
+        guess = "".join(map(str, digits))
+        sure = ", ".join(f"{100 * float(p[d]):.1f}%" for d, p in zip(digits, probabilities))
+        return f"not a digit  (best guess {guess}, {sure})"
     if len(probabilities) == 1:
         top = np.argsort(-probabilities[0], kind="stable")[:3]
         return f"{top[0]}  (" + ", ".join(f"{d} {100 * float(probabilities[0][d]):.1f}%" for d in top) + ")"
-    digits = probabilities.argmax(1)
-    return "".join(map(str, digits)) + "  (" + ", ".join(
-        f"{d} {100 * float(p[d]):.1f}%" for d, p in zip(digits, probabilities)) + ")"
+    return "".join("?" if u else str(d) for d, u in zip(digits, unread)) + "  (" + ", ".join(
+        f"{'? best guess ' if u else ''}{d} {100 * float(p[d]):.1f}%"
+        for d, p, u in zip(digits, probabilities, unread)) + ")"
 
 
-def answer(reading, probabilities, previews=True):
+def answer(reading, probabilities, threshold=0.0, previews=True):
     """What `predict --json` and /predict say of a Reading, given each digit's probabilities (N, 10):
-    {"number", "digits": [{"digit", "probabilities", "box", "preview"}], "note"?}; an image of one digit also
-    has that digit's "digit", "probabilities" and "preview" at the top level."""
+    {"number", "digits": [{"digit", "probabilities", "box", "preview", "declined"}], "not_a_digit", "note"?}; an
+    image of one digit also has that digit's "digit", "probabilities" and "preview" at the top level. A mark whose
+    top probability is under `threshold` is declined: "digit" is then its best guess, "number" has a ? in its
+    place, and "not_a_digit" is true when no mark was read."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    unread = declined(probabilities, threshold)
     digits = []
-    for digit, probs, box in zip(reading.digits, probabilities, reading.boxes):
-        item = {"digit": int(probs.argmax()), "probabilities": [round(float(p), 6) for p in probs], "box": box}
+    for digit, probs, box, no in zip(reading.digits, probabilities, reading.boxes, unread):
+        item = {"digit": int(probs.argmax()), "probabilities": [round(float(p), 6) for p in probs], "box": box,
+                "declined": bool(no)}
         if previews:
             item["preview"] = preview_png(digit)
         digits.append(item)
-    result = {"number": "".join(str(d["digit"]) for d in digits), "digits": digits}
+    result = {"number": "".join("?" if d["declined"] else str(d["digit"]) for d in digits), "digits": digits,
+              "not_a_digit": bool(unread.all())}
     if reading.note:
         result["note"] = reading.note
     if len(digits) == 1:
-        result.update({k: v for k, v in digits[0].items() if k != "box"})
+        result.update({k: v for k, v in digits[0].items() if k not in ("box", "declined")})
     return result

@@ -267,7 +267,8 @@ function combined(probs, rowProbs, cut) {  // digit_image.combined
   return probs.map((p, k) => {
     if (!cut[k] && Math.max(...p) >= S.UNSURE) return p;
     const both = p.map((v, c) => v * rowProbs[k][c]), total = both.reduce((a, b) => a + b, 0);
-    return both.map(v => v / total);
+    const digitMass = p.reduce((a, b) => a + b, 0);  // under 1 when the network gives some to "not a digit"
+    return both.map(v => v / total * digitMass);
   });
 }
 
@@ -319,10 +320,11 @@ window.readLocally = async canvas => {
   let x0 = w, x1 = 0, y0 = h, y1 = 0;
   whole.forEach((v, i) => { if (v) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w); y0 = Math.min(y0, Math.floor(i / w)); y1 = Math.max(y1, Math.floor(i / w)); } });
   if (masks.length > 1 && !note && x1 - x0 + 1 <= S.ONE_DIGIT_WIDTH * (y1 - y0 + 1)) {
-    // no wider than one digit can be: one digit, unless the parts' answers are surer together (read_digits)
+    // no wider than one digit can be: one digit, unless the parts' answers are surer together, or one mark that
+    // is not a digit when the network declines it whole (read_digits)
     const probs = await probabilities([centred(ink, w, h), ...masks.map(m => centred(ownInk(ink, m, w, h), w, h))]);
     const parts = combined(probs.slice(1), rowProbs, cut);
-    if (Math.max(...probs[0]) >= parts.reduce((a, p) => a * Math.max(...p), 1)) {
+    if (Math.max(...probs[0]) >= parts.reduce((a, p) => a * Math.max(...p), 1) || Math.max(...probs[0]) < S.THRESHOLD) {
       masks = [whole]; rowProbs = [Array(10).fill(0.1)]; cut = [false];
     }
   }
@@ -334,10 +336,12 @@ window.readLocally = async canvas => {
     let bx0 = w, bx1 = 0, by0 = h, by1 = 0;
     masks[k].forEach((v, i) => { if (v) { bx0 = Math.min(bx0, i % w); bx1 = Math.max(bx1, i % w + 1); by0 = Math.min(by0, Math.floor(i / w)); by1 = Math.max(by1, Math.floor(i / w) + 1); } });
     const p = probs[k], digit = p.indexOf(Math.max(...p));
-    return {digit, probabilities: p, box: [bx0, by0, bx1, by1].map(v => roundHalfEven(v * scale)), preview: preview(d)};
+    return {digit, probabilities: p, box: [bx0, by0, bx1, by1].map(v => roundHalfEven(v * scale)), preview: preview(d),
+            declined: Math.max(...p) < S.THRESHOLD};  // digit_image.declined: "not a digit"
   });
   window.lastInputs = digits.map(d => Array.from(d));  // for the browser test: the network's inputs
-  const answer = {number: items.map(d => d.digit).join(""), digits: items};
+  const answer = {number: items.map(d => d.declined ? "?" : d.digit).join(""), digits: items,
+                  not_a_digit: items.every(d => d.declined)};
   if (note) answer.note = note;
   if (items.length === 1) Object.assign(answer, {digit: items[0].digit, probabilities: items[0].probabilities, preview: items[0].preview});
   return answer;

@@ -127,15 +127,24 @@ def case_lines(cases, singles, splits):
     return lines
 
 
-def not_digit_lines(result):
+def not_digit_lines(result, threshold):
     """What `evaluate --not-digits` prints of reader.score_not_digits: one line per family, the held-out ones marked."""
-    lines = ["images that hold no digit, read through predict's path (AUROC: against MNIST test digits, by the "
-             "least sure digit's probability):"]
+    declines = f"it declines under {100 * threshold:.1f}% confidence" if threshold else "it never declines"
+    lines = [f"images that hold no digit, read through predict's path ({declines}; AUROC: against MNIST test "
+             f"digits, by the surest mark's probability):"]
     for family, r in result.items():
         held = " (held out)" if family in non_digit_images.HELD_OUT else ""
         lines.append(f"  {family}{held}, {r['images']:,}: {r['answered']:.1f}% answered as digits, their mean "
                      f"confidence {r['confidence']:.1f}%, AUROC {r['auroc']:.1f}%")
     return lines
+
+
+def decline_lines(result):
+    """What `evaluate --not-digits` prints of reader.score_declines: real digits declined, and calibration."""
+    return [f"{name}, {r['digits']:,} files: {r['declined']:.2f}% declined, {r['accuracy']:.2f}% read right "
+            f"({r['accepted_accuracy']:.2f}% of those read), expected calibration error {r['ece']:.2f}%"
+            + (f" ({r['ece_before']:.2f}% at temperature 1)" if r["ece"] != r["ece_before"] else "")
+            for name, r in result.items()]
 
 
 def evaluation_report(path, model, checkpoint, split="test", device="auto", data_dir=None, rows=None,
@@ -164,4 +173,6 @@ def evaluation_report(path, model, checkpoint, split="test", device="auto", data
                               reader.score_single_digits(model, tta, rows, config.data_dir, progress=progress),
                               reader.score_uci_splits(model, tta, rows, progress=progress))
     if not_digits:
-        yield from not_digit_lines(reader.score_not_digits(model, tta, rows, config.data_dir, progress=progress))
+        yield from not_digit_lines(reader.score_not_digits(model, tta, rows, config.data_dir, progress=progress),
+                                   reader.decline_threshold(model))
+        yield from decline_lines(reader.score_declines(model, tta, rows, config.data_dir, progress=progress))

@@ -195,7 +195,8 @@ def export(model, checkpoint, out, int8=False, data_dir="./data", log=print):
     metrics = checkpoint.get("metrics") or {}
     metadata = {"config": json.dumps(config), "model_name": checkpoint["model_name"],
                 "parameters": str(count_parameters(model)),
-                "test_acc": str(metrics.get("test_acc", "")), "test_acc_tta": str(metrics.get("test_acc_tta", ""))}
+                "test_acc": str(metrics.get("test_acc", "")), "test_acc_tta": str(metrics.get("test_acc_tta", "")),
+                "threshold": str(reader.decline_threshold(model))}  # under it: "not a digit" (onnx_model)
     data = data_file.load_mnist(data_dir, log=log)
     images, labels = data["test"]
     model = reader.as_predict_runs(model)
@@ -261,12 +262,14 @@ def scores(path, logs, probs, labels, **extra):
     return result
 
 
-def web_settings(config):
-    """settings.js: digit_image's constants and the run's TTA, for digits.js (declared once, in Python)."""
+def web_settings(config, threshold=0.0):
+    """settings.js: digit_image's constants, the run's TTA and the confidence under which its network declines
+    (THRESHOLD), for digits.js (declared once, in Python)."""
     names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "OWN_SHARE", "UNSURE", "ONE_DIGIT_WIDTH",
              "ROW_HEIGHT", "ROW_INK", "ROW_MARGIN", "ROW_MAX_WIDTH", "ROW_FRAME", "TTA_SHIFTS")
     settings = {name: getattr(digit_image, name) for name in names}
     settings["TTA"] = bool(config.get("tta"))
+    settings["THRESHOLD"] = threshold
     return f"window.DIGIT_IMAGE = {json.dumps(settings)};\n"
 
 
@@ -292,14 +295,15 @@ def export_lines(path, model, checkpoint, rows, out=None, int8=False, web=None, 
            f"{result['rows']} of {result['rows']} composed test rows, frames within {result['difference']:.1e}")
     if web:
         site_model = int8_path(out) if int8 else out  # the page runs the smaller model when there is one
-        export_web(site_model, rows_out, checkpoint.get("config") or {}, web)
+        export_web(site_model, rows_out, checkpoint.get("config") or {}, web, reader.decline_threshold(model))
         yield (f"{web}/: the page as a static site, with {os.path.basename(site_model)} and "
                f"{onnx_model.ROWS_FILE} (python -m http.server -d {web} --bind 127.0.0.1, then open its address)")
 
 
-def export_web(onnx_path, rows_path, config, folder):
+def export_web(onnx_path, rows_path, config, folder, threshold=0.0):
     """The static site in `folder` (made whole in a temporary folder beside it, then renamed; refused if it
-    exists): index.html, digits.js, settings.js, model.onnx, rows.onnx and onnxruntime-web."""
+    exists): index.html, digits.js, settings.js, model.onnx, rows.onnx and onnxruntime-web. `threshold`: the
+    confidence under which the network declines (reader.decline_threshold)."""
     import shutil
     refuse_existing(folder)
     parent = os.path.dirname(os.path.abspath(folder))
@@ -318,7 +322,7 @@ def export_web(onnx_path, rows_path, config, folder):
         with open(os.path.join(tmp, "index.html"), "w") as f:
             f.write(page.replace("<script>", scripts))
         with open(os.path.join(tmp, "settings.js"), "w") as f:
-            f.write(web_settings(config))
+            f.write(web_settings(config, threshold))
         shutil.copy(os.path.join(HERE, "digits.js"), tmp)
         shutil.copy(onnx_path, os.path.join(tmp, "model.onnx"))
         shutil.copy(rows_path, os.path.join(tmp, "rows.onnx"))

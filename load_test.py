@@ -46,9 +46,9 @@ def load_test(checkpoint, data_dir, log=print):
     data_file.ensure_mnist(data_dir, log=log)
     images = data_file.read_split(data_dir, "test")[0][:16]
     digits = [png(Image.fromarray(255 - a.numpy()).resize((280, 280), Image.BILINEAR)) for a in images]
-    line, probabilities, rows = serve.load_model(checkpoint)
+    line, probabilities, rows, threshold = serve.load_model(checkpoint)
     log(line)
-    server = serve.make_server(serve.Predictor(probabilities, rows), "127.0.0.1", 0)
+    server = serve.make_server(serve.Predictor(probabilities, rows, threshold), "127.0.0.1", 0)
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
 

@@ -147,8 +147,9 @@ def predict(argv):
     tta = reader.checkpoint_tta(checkpoint)
     failed = 0
     for line, kind in reader.predict_lines(model, tta, rows, args.images, args.json):
-        print(line, file=sys.stderr if kind else sys.stdout)
-        failed += kind == "error"
+        # an answer, "not a digit" too, on stdout; an image with no digit read exits 1 as a blank one does
+        print(line, file=sys.stderr if kind in ("note", "error") else sys.stdout)
+        failed += kind in ("error", "declined")
     return 1 if failed else 0
 
 
@@ -232,10 +233,10 @@ def serve_command(argv):
                    help="port to listen on (0: any free one) (default: 8000)")
     p.add_argument("--rows", help=ROWS_HELP + "; with --onnx, a rows.onnx (default: the one beside FILE)")
     args = p.parse_args(argv)
-    line, probabilities, rows = serve.load_model(args.checkpoint, args.onnx, args.rows)
+    line, probabilities, rows, threshold = serve.load_model(args.checkpoint, args.onnx, args.rows)
     say(line)
     try:
-        server = serve.make_server(serve.Predictor(probabilities, rows), args.host, args.port)
+        server = serve.make_server(serve.Predictor(probabilities, rows, threshold), args.host, args.port)
     except OSError as e:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     serve.serve_until_interrupted(server, log=say)

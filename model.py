@@ -7,6 +7,9 @@
     ressenet-tiny   the same with widths 16-20-24: 5,533 parameters
     ressenet-micro  widths 10-16-18 on the central 24x24, the stem pooled first: 3,482 parameters
     ressenet-wide   `ressenet` with widths 16-16-16 on the central 24x24: 14,658 parameters (one epoch; 30 epochs)
+    ressenet-nd     `ressenet-wide` with widths 16-32-32 and an 11th output, "not a digit", its temperature and
+                    threshold set on validation after training: the reader that declines what holds no digit,
+                    52,715 parameters (at 16-16-16, learning non-digits cost it half a point of MNIST)
     ressenet-wide22 `ressenet-wide` on the central 22x22 (maps 11x11 and 5x5): the one-epoch race's network
     shared-nano     one separable convolution applied five times at 14x14 (each with its own BatchNorm): 978
     cnn-215k        the best-known public "99% in one epoch" network, 215,194 parameters: benchmark.py races it
@@ -121,10 +124,16 @@ class ResSENet(nn.Module):
     stem_pool_first: pool the stem's convolution before its BatchNorm and ReLU (faster, see ConvBN).
     separable: every convolution after the first is depthwise-separable (SeparableConvBN), and the stem gets one
         more at full resolution: more computation for the same parameters, for the small networks.
+    not_digit: an 11th output, "not a digit". forward still returns the 10 digits' log-probabilities, now of an
+        11-way softmax: what they leave, 1 - sum(exp), is the probability that the image holds no digit, so every
+        reader of (B, 10) works unchanged and a non-digit reads with low confidence. The logits are divided by the
+        buffer `temperature` (set on validation so that confidence means what it says), and the buffer
+        `threshold` is the confidence under which a reader declines (model_train.calibrate).
     `ressenet` reaches 99.5% test accuracy with test-time augmentation in 8 epochs (README).
     """
 
-    def __init__(self, widths=(8, 16, 16), dropout=0.1, stem_pool_first=True, crop=22, separable=False):
+    def __init__(self, widths=(8, 16, 16), dropout=0.1, stem_pool_first=True, crop=22, separable=False,
+                 not_digit=False):
         super().__init__()
         c1, c2, c3 = widths
         conv = SeparableConvBN if separable else ConvBN
@@ -140,7 +149,11 @@ class ResSENet(nn.Module):
         self.res2 = ResidualBlock(c3, separable=separable)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(c3, 10)
+        self.not_digit = not_digit
+        self.fc = nn.Linear(c3, 11 if not_digit else 10)
+        if not_digit:
+            self.register_buffer("temperature", torch.tensor(1.0))
+            self.register_buffer("threshold", torch.tensor(0.0))
 
     def forward(self, x):                     # (B, 1, 28, 28)
         x = center_crop(x, self.crop)         # (B, 1, S, S), S = crop
@@ -151,8 +164,16 @@ class ResSENet(nn.Module):
         x = self.pool(x)                      # (B, c2, S/4, S/4), rounded down: 5x5 from 11x11, 7x7 from 14x14
         x = self.res2(self.layer2(x))         # (B, c3, S/4, S/4)
         x = torch.flatten(self.gap(x), 1)     # (B, c3)
-        x = self.fc(self.dropout(x))          # (B, 10)
+        x = self.fc(self.dropout(x))          # (B, 10), or (B, 11) with not_digit
+        if self.not_digit:                    # the digits' share of an 11-way softmax
+            return F.log_softmax(x / self.temperature, dim=1)[:, :10]
         return F.log_softmax(x, dim=1)
+
+
+def not_digit_log_probability(log_probs):
+    """log P(not a digit) (B,) from a not_digit network's (B, 10) digit log-probabilities: log(1 - sum(exp)),
+    kept finite when the digits hold all but a rounding of the mass."""
+    return torch.log(-torch.expm1(log_probs.logsumexp(1).clamp(max=-1e-6)))
 
 
 class SharedConvNet(nn.Module):
@@ -246,11 +267,13 @@ MODELS = {
     "ressenet-tiny": functools.partial(ResSENet, widths=(16, 20, 24), stem_pool_first=False, crop=28, separable=True),
     "ressenet-micro": functools.partial(ResSENet, widths=(10, 16, 18), crop=24, separable=True),
     "ressenet-wide": functools.partial(ResSENet, widths=(16, 16, 16), crop=24),
+    "ressenet-nd": functools.partial(ResSENet, widths=(16, 32, 32), crop=24, not_digit=True),
     "ressenet-wide22": functools.partial(ResSENet, widths=(16, 16, 16), crop=22),
     "shared-nano": SharedConvNet,
     "cnn-215k": CNN215k,
     "rows": RowNet,
 }
+NOT_DIGIT_MODELS = ("ressenet-nd",)  # networks with a "not a digit" output (Config.not_digits trains it)
 ROW_MODELS = ("rows",)  # networks that read a row of digits (row_train.py), not one 28x28 digit
 
 

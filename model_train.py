@@ -8,6 +8,7 @@ a multi-epoch run it hands `on_epoch` everything a resumed run needs (`resume=`)
 where the uninterrupted run would have. The settings are recipes.py's; the augmentation, augment.py's.
 """
 import contextlib
+import functools
 import math
 import os
 import time
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import augment
+import calibration
 import data_file
 from digit_image import TTA_SHIFTS
 from errors import UserError
-from model import build_model, count_parameters
+from model import NOT_DIGIT_MODELS, build_model, count_parameters, not_digit_log_probability
 
 # Below this batch size `net`'s ops (4 and 8 channels) are too small to gain from oneDNN convolutions
 # or a second thread on CPU: at batch 10 on 2 cores both cost time (benchmark.py); at batch 128 both pay. The
@@ -154,6 +156,22 @@ def place(model, config, device):
     return model
 
 
+def calibrate(model, images, labels, tta):
+    """Set a not_digit network's temperature and threshold (calibration.choose) from validation digits; return
+    what was chosen and the validation ECE before and after."""
+    model.eval()
+    model.temperature.fill_(1.0)
+    views = torch.stack([torch.cat([log_probabilities(model, x, False, shift) for x, _ in
+                                    data_file.batches(images, labels, EVAL_BATCH)]).cpu()
+                         for shift in (TTA_SHIFTS if tta else [(0, 0)])])
+    chosen = calibration.choose(views, labels.cpu())
+    model.temperature.fill_(chosen["temperature"])
+    sure = torch.cat([log_probabilities(model, x, tta).exp().max(1).values
+                      for x, _ in data_file.batches(images, labels, EVAL_BATCH)])
+    model.threshold.fill_(calibration.threshold(sure.cpu()))  # on what the network computes, at its precision
+    return {**chosen, "threshold": float(model.threshold)}
+
+
 def train(config, log=print, data=None, progress=True, on_epoch=None, resume=None, device="auto", dry_run=False):
     """Run one recipe end to end; return (model, metrics). Nothing is written to disk here.
 
@@ -195,6 +213,9 @@ def run_epochs(config, device, log, data, progress, on_epoch, resume, dry_run):
     optimizer, scheduler = make_optimizer(model, config, epochs * steps_per_epoch, fused=fast)
     generator = torch.Generator().manual_seed(config.seed)  # the training order and augmentation draws
     augmenter = augment.augmentation(config, generator)
+    negatives = None
+    if config.not_digits:  # a declining reader: images with no digit join every batch
+        negatives = augment.negative_batches(config, x_train, y_train, generator, device, log)
     # With config.ema the run is scored and kept as the moving average of its weights (and BatchNorm statistics).
     ema = moving_average(model, config.ema) if config.ema else None
     scored = model if ema is None else ema.module
@@ -213,7 +234,9 @@ def run_epochs(config, device, log, data, progress, on_epoch, resume, dry_run):
         clean = epoch > epochs - config.clean_epochs and not dry_run
         row = train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch, clip_grad=config.clip_grad,
                               augment=None if clean else augmenter, label_smoothing=config.label_smoothing,
-                              desc=f"epoch {epoch}", progress=progress, ema=ema)
+                              desc=f"epoch {epoch}", progress=progress, ema=ema,
+                              negatives=negatives and functools.partial(negatives, None if clean else augmenter),
+                              not_digit_weight=config.not_digits)
         row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0]}
         if val:
             row.update(score(scored, *val, EVAL_BATCH, config.tta, "val_"))
@@ -221,13 +244,19 @@ def run_epochs(config, device, log, data, progress, on_epoch, resume, dry_run):
         log_epoch(row, val_key, log)
         if on_epoch is not None and epochs > 1:
             on_epoch(resumable_state(model, optimizer, scheduler, generator, device, history, ema))
+    chosen = {}
+    if config.model in NOT_DIGIT_MODELS:  # its temperature and threshold, on validation, before the test is scored
+        chosen = calibrate(scored, *val, config.tta)
+        log(f"temperature {chosen['temperature']:.2f} (validation ECE {chosen['val_ece_before']:.2f}% -> "
+            f"{chosen['val_ece']:.2f}%) | declines under {100 * chosen['threshold']:.1f}% confidence")
     test = score(scored, x_test, y_test, EVAL_BATCH, config.tta, "test_", details=True)
     metrics = {
         "recipe": config.recipe, "model": config.model, "parameters": params, "seed": config.seed,
         "device": str(device), "torch": str(torch.__version__),  # a plain str: loadable with weights_only
         "dry_run": dry_run,
         "threads": torch.get_num_threads(), "fast_path": fast, "epochs": history, "kept_epoch": epochs,
-        "train_acc": history[-1]["train_acc"], **test, "train_seconds": sum(r["seconds"] for r in history),
+        "train_acc": history[-1]["train_acc"], **test, **chosen,
+        "train_seconds": sum(r["seconds"] for r in history),
     }
     figures = f"test accuracy {test['test_acc']:.2f}% single-view"
     if config.tta:
@@ -302,18 +331,23 @@ def score(model, images, labels, batch_size, tta, prefix, details=False):
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_grad=1.0, augment=None,
-                    label_smoothing=0.0, desc="train", progress=True, postfix_every=50, ema=None):
+                    label_smoothing=0.0, desc="train", progress=True, postfix_every=50, ema=None, negatives=None,
+                    not_digit_weight=0.0):
     """Train one pass over `batches`, an iterable of (images, labels) of `steps` batches (default:
     len(batches)), e.g. data_file.batches(...) or a DataLoader; augment each batch with `augment(images, labels)`
     (augmentation) if given, step the scheduler after every batch, and update `ema` (a moving_average of the
     model) if given.
 
     Returns {"loss": mean training loss, "train_acc": running training accuracy in % (measured on each
-    batch as it was trained, dropout and augmentation on), "steps", "seconds", "curve": [step, loss,
+    batch's digits as they were trained, dropout and augmentation on), "steps", "seconds", "curve": [step, loss,
     train_acc, lr] every `postfix_every` steps, as running means over the epoch so far}. Raises
     NonFiniteLoss at the first step whose loss is NaN or infinite, before that step updates the weights; on an
     accelerator, which is read back only every `postfix_every` steps (each read waits for the device), at the first
     such read after it.
+
+    `negatives()`, for a network with a "not a digit" output: (images, labels) joined to each batch of digits in one
+    forward pass (so BatchNorm sees them together, as a reader will meet them): those labelled -1 hold no digit,
+    their loss -log P(not a digit) added at `not_digit_weight`; the others are digits like the batch's.
     """
     model.train()
     steps = len(batches) if steps is None else steps
@@ -326,10 +360,20 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
     for step, (x, y) in enumerate(bar, 1):
         if augment is not None:
             x = augment(x, y)
-        output = model(x)
-        if label_smoothing:
+        if negatives is not None:
+            x_more, y_more = negatives()
+            both = model(torch.cat([x, x_more]))
+            output, labels, none = both[:len(y)], torch.cat([y, y_more]), y_more < 0
+            digits = both[labels >= 0]
+            # label smoothing among the digits only: it takes nothing from "not a digit"
+            loss = ((1 - label_smoothing) * F.nll_loss(digits, labels[labels >= 0])
+                    - label_smoothing * digits.mean(1).mean()
+                    - not_digit_weight * not_digit_log_probability(both[len(y):][none]).mean())
+        elif label_smoothing:
+            output = model(x)
             loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
         else:
+            output = model(x)
             loss = F.nll_loss(output, y)  # the models return log-probabilities
         loss_value = loss.item() if on_cpu else loss.detach()
         if on_cpu and not math.isfinite(loss_value):
@@ -362,15 +406,19 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
 
 
 @torch.inference_mode()
-def log_probabilities(model, images, tta=False):
+def log_probabilities(model, images, tta=False, shift=None):
     """The model's log-probabilities (B, 10) for a batch; with tta, the log of its softmax averaged over
-    the image and its four one-pixel shifts (TTA_SHIFTS). The caller puts the model in eval mode."""
-    if not tta:
+    the image and its four one-pixel shifts (TTA_SHIFTS); with `shift` (dx, dy), of that one view. The caller puts
+    the model in eval mode."""
+    if not tta and shift is None:
         return model(images)
     h, w = images.shape[-2:]
     # Edge pixels repeat into the gap, as in augment.random_transform; in MNIST they are background.
     padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
-    probs = sum(model(padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]).exp() for dx, dy in TTA_SHIFTS)
+    view = lambda dx, dy: model(padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w])
+    if shift is not None:
+        return view(*shift)
+    probs = sum(view(dx, dy).exp() for dx, dy in TTA_SHIFTS)
     return (probs / len(TTA_SHIFTS)).log()
 
 

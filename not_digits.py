@@ -13,6 +13,11 @@ paper, 112x112 pixels, read by predict's whole path.
 Letters that are digits in another hand (O o I l S Z B b g q) are left out, and so are shapes that are (a circle,
 a bar). HELD_OUT names the families a reader that learns to decline must never be trained on: their figures are
 the honest ones. The fonts are Debian's fonts-dejavu-core and fonts-liberation.
+
+`training_images` draws the negatives a declining reader trains on (Config.not_digits): the other families only,
+the letters and symbols in every sans face of those packages (bold, oblique, condensed, narrow: TRAINING_SANS),
+the parts of digits made from training digits, each prepared as predict prepares one digit. `typed_digits` draws
+digits the same way, to train on as digits.
 """
 import io
 import os
@@ -27,6 +32,13 @@ SYMBOLS = "#@&?%*+=<>$~"
 FONT_DIR = "/usr/share/fonts/truetype"
 FONTS = {"sans": ("dejavu/DejaVuSans.ttf", "liberation/LiberationSans-Regular.ttf"),
          "serif": ("dejavu/DejaVuSerif.ttf", "liberation/LiberationSerif-Regular.ttf")}
+# The negatives a reader trains on draw letters and symbols from every sans face (never a serif one: held out).
+TRAINING_SANS = ("dejavu/DejaVuSans.ttf", "dejavu/DejaVuSans-Bold.ttf", "dejavu/DejaVuSans-Oblique.ttf",
+                 "dejavu/DejaVuSans-BoldOblique.ttf", "dejavu/DejaVuSans-ExtraLight.ttf",
+                 "dejavu/DejaVuSansCondensed.ttf", "dejavu/DejaVuSansCondensed-Bold.ttf",
+                 "liberation/LiberationSans-Regular.ttf", "liberation/LiberationSans-Bold.ttf",
+                 "liberation/LiberationSans-Italic.ttf", "liberation/LiberationSansNarrow-Regular.ttf",
+                 "liberation/LiberationSansNarrow-Bold.ttf")
 FAMILIES = ("letters, sans", "letters, serif", "symbols", "scribbles", "shapes", "blots and noise",
             "parts of digits")
 HELD_OUT = ("letters, serif", "shapes")  # never to be trained on
@@ -38,7 +50,9 @@ class FontError(UserError):
 
 
 def font(kind, index, size):
-    path = os.path.join(FONT_DIR, FONTS[kind][index % len(FONTS[kind])])
+    """Font `index` (wrapping) of FONTS[kind], or of TRAINING_SANS for kind "training sans", at `size` px."""
+    faces = TRAINING_SANS if kind == "training sans" else FONTS[kind]
+    path = os.path.join(FONT_DIR, faces[index % len(faces)])
     try:
         return ImageFont.truetype(path, size)
     except OSError:
@@ -48,7 +62,7 @@ def font(kind, index, size):
 
 def check_fonts():
     """A FontError naming the package to install, before any work, when a font the letters need is missing."""
-    for kind, paths in FONTS.items():
+    for kind, paths in {**FONTS, "training sans": TRAINING_SANS}.items():
         for index in range(len(paths)):
             font(kind, index, 12)
 
@@ -56,7 +70,8 @@ def check_fonts():
 def text_image(text, kind, rng):
     """One character in a font of `kind`, 55-85% of the image tall, turned by up to 10 degrees, off-centre."""
     image = Image.new("L", (SIDE, SIDE), 0)
-    face = font(kind, int(rng.integers(2)), int(SIDE * rng.uniform(0.55, 0.85)))
+    face = font(kind, int(rng.integers(len(TRAINING_SANS) if kind == "training sans" else 2)),
+                int(SIDE * rng.uniform(0.55, 0.85)))
     ImageDraw.Draw(image).text((SIDE / 2 + rng.uniform(-8, 8), SIDE / 2 + rng.uniform(-8, 8)), text, fill=255,
                                font=face, anchor="mm")
     return image.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR)
@@ -129,25 +144,83 @@ def digit_part(images, rng):
     return Image.fromarray(part).resize((SIDE, SIDE), Image.BILINEAR)
 
 
+def training_part(images, labels, rng):
+    """digit_part for training, never a digit itself: half of a digit only where the half taken away held at least
+    a third of its ink and it is no 1 (half a 1 is a 1), two digits of different kinds over each other (neither a
+    1: a 1 over a 7 is a crossed 7), or one with its quarters swapped."""
+    while True:
+        i, j = (int(k) for k in rng.integers(len(images), size=2))
+        a, kind = images[i], int(rng.integers(3))
+        if kind == 0 and labels[i] != 1:
+            part = a.copy()
+            if rng.random() < 0.5:
+                part[14:] = 0  # the top half alone
+            else:
+                part[:, 14:] = 0  # the left half alone
+            if part.sum() <= 2 / 3 * a.sum():
+                return Image.fromarray(part).resize((SIDE, SIDE), Image.BILINEAR)
+        elif kind == 1 and labels[i] != labels[j] and 1 not in (labels[i], labels[j]):
+            return Image.fromarray(np.maximum(a, images[j])).resize((SIDE, SIDE), Image.BILINEAR)
+        elif kind == 2:
+            part = np.block([[a[14:, 14:], a[14:, :14]], [a[:14, 14:], a[:14, :14]]])
+            return Image.fromarray(part).resize((SIDE, SIDE), Image.BILINEAR)
+
+
+def drawn(family, rng, digits, sans="sans", labels=None):
+    """One image (Pillow "L", light ink on black) of `family`; letters and symbols in the `sans` fonts' kind."""
+    if family.startswith("letters"):
+        kind = family.split(", ")[1]
+        return text_image(LETTERS[int(rng.integers(len(LETTERS)))], sans if kind == "sans" else kind, rng)
+    if family == "symbols":
+        return text_image(SYMBOLS[int(rng.integers(len(SYMBOLS)))], sans, rng)
+    if family == "scribbles":
+        return scribble(rng)
+    if family == "shapes":
+        return shape(rng)
+    if family == "blots and noise":
+        return blots(rng)
+    return digit_part(digits, rng) if labels is None else training_part(digits, labels, rng)
+
+
 def generate(family, count, seed, test_images):
     """`count` images of one family (a key of FAMILIES) as PNG bytes, dark ink on light paper; the same seed gives
     the same images. `test_images`: MNIST's test digits (uint8 (N, 28, 28)), for the parts of digits."""
     rng = np.random.default_rng([seed, FAMILIES.index(family)])
     out = []
     for _ in range(count):
-        if family.startswith("letters"):
-            image = text_image(LETTERS[int(rng.integers(len(LETTERS)))], family.split(", ")[1], rng)
-        elif family == "symbols":
-            image = text_image(SYMBOLS[int(rng.integers(len(SYMBOLS)))], "sans", rng)
-        elif family == "scribbles":
-            image = scribble(rng)
-        elif family == "shapes":
-            image = shape(rng)
-        elif family == "blots and noise":
-            image = blots(rng)
-        else:
-            image = digit_part(test_images, rng)
         buffer = io.BytesIO()
-        Image.fromarray(255 - np.asarray(image)).save(buffer, format="PNG")  # dark ink on light paper
+        # dark ink on light paper
+        Image.fromarray(255 - np.asarray(drawn(family, rng, test_images))).save(buffer, format="PNG")
         out.append(buffer.getvalue())
     return out
+
+
+def typed_digits(count, seed):
+    """`count` digits typed in the TRAINING_SANS faces as training_images draws the letters, float32 (count, 28,
+    28) prepared as predict prepares one digit, and their labels (count,) int64: positives drawn the way the
+    negatives are, so that a typed look never marks a non-digit."""
+    import digit_image
+    rng = np.random.default_rng([seed, len(FAMILIES) + 1])
+    labels = np.arange(count) % 10
+    out = [digit_image.centred(digit_image.ink_of(np.asarray(text_image(str(d), "training sans", rng), np.float32)
+                                                  / 255, "a typed digit")) for d in labels]
+    return np.stack(out), labels.astype(np.int64)
+
+
+def training_images(count, seed, train_images, train_labels):
+    """`count` negatives to train a declining reader on, float32 (count, 28, 28) prepared as predict prepares one
+    digit (digit_image.read_digit's steps): the families not HELD_OUT in turn, letters and symbols in every face
+    of TRAINING_SANS, parts of digits made from `train_images` (uint8 (N, 28, 28): MNIST's training digits, their
+    `train_labels`) as training_part makes them.
+    The same seed gives the same images; an image that comes out blank is drawn again."""
+    import digit_image  # numpy and Pillow only, as this module
+    families = [f for f in FAMILIES if f not in HELD_OUT]
+    rng = np.random.default_rng([seed, len(FAMILIES)])  # a stream of its own, apart from generate's
+    out = []
+    while len(out) < count:
+        image = drawn(families[len(out) % len(families)], rng, train_images, "training sans", train_labels)
+        try:
+            out.append(digit_image.centred(digit_image.ink_of(np.asarray(image, np.float32) / 255, "a negative")))
+        except digit_image.ImageError:
+            continue
+    return np.stack(out)

@@ -59,6 +59,10 @@ class OnnxModel:
         except ValueError:
             self.config = {}
         self.tta = bool(self.config.get("tta"))
+        try:  # the confidence under which the network says "not a digit" (0: it never declines)
+            self.threshold = float(meta.get("threshold", 0.0))
+        except ValueError:
+            self.threshold = 0.0
         self.path = path
 
     def log_probs(self, images):

@@ -42,6 +42,12 @@ def probabilities(model, digits, tta=False):
     return model_train.log_probabilities(model, images, tta).exp().cpu().numpy()
 
 
+def decline_threshold(model):
+    """The confidence under which `model` says "not a digit" (a not_digit network's threshold, set on validation
+    after training); 0.0 for a network that never declines."""
+    return float(model.threshold) if getattr(model, "not_digit", False) else 0.0
+
+
 def digit_reader(model, checkpoint):
     """probabilities of a loaded checkpoint's network as a function of the digits, with TTA when its run was
     scored with it: what a serve.Predictor answers with."""
@@ -63,25 +69,29 @@ def row_reader(model):
 def read_number(model, tta, rows, path, name=None, max_pixels=None):
     """The digits written in a row in an image file and their probabilities, the row reader `rows` a row_reader:
     digit_image.read_number's (Reading, numpy (N, 10)) with the network run by torch."""
-    return digit_image.read_number(path, lambda digits: probabilities(model, digits, tta), rows, name, max_pixels)
+    return digit_image.read_number(path, lambda digits: probabilities(model, digits, tta), rows, name, max_pixels,
+                                   decline_threshold(model))
 
 
 def predict_lines(model, tta, rows, paths, as_json=False):
     """What `python main.py predict` prints of each image file, as (line, kind): kind None for its answer (a line
-    of digit_image.describe, or with `as_json` one JSON object), "note" for what the reading noticed, "error" for a
-    file that cannot be read; the other files are still read."""
+    of digit_image.describe, or with `as_json` one JSON object), "declined" for an answer with no digit read in it
+    (not a digit), "note" for what the reading noticed, "error" for a file that cannot be read; the other files are
+    still read."""
+    threshold = decline_threshold(model)
     for path in paths:
         try:
             reading, probs = read_number(model, tta, rows, path)
         except digit_image.ImageError as e:
             yield f"error: {e}", "error"
             continue
+        kind = "declined" if digit_image.declined(probs, threshold).all() else None
         if as_json:
-            answer = digit_image.answer(reading, probs, previews=False)
-            keep = {k: answer[k] for k in ("number", "digits", "note") if k in answer}
-            yield json.dumps({"file": path, **keep}), None
+            answer = digit_image.answer(reading, probs, threshold, previews=False)
+            keep = {k: answer[k] for k in ("number", "digits", "not_a_digit", "note") if k in answer}
+            yield json.dumps({"file": path, **keep}), kind
             continue
-        yield f"{path}: {digit_image.describe(probs)}", None
+        yield f"{path}: {digit_image.describe(probs, threshold)}", kind
         if reading.note:
             yield f"{path}: {reading.note}", "note"
 
@@ -156,22 +166,73 @@ def score_uci_splits(model, tta, rows, half="report", data_dir="./data", count=N
 
 
 def confidence_of(model, tta, rows, png, name):
-    """How sure predict's path is of what an image file holds: the smallest top probability among the digits it
-    reads (None when it reads none: a blank image)."""
+    """How surely predict's path reads a digit in an image file: the top probability of its surest mark, so that
+    an image counts as answered when any of its marks is read as a digit (None when it holds no mark: a blank
+    image)."""
     try:
         _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
     except digit_image.ImageError:
         return None
-    return float(probs.max(1).min())
+    return float(probs.max())
+
+
+def read_singles(model, tta, rows, files, name, progress=False):
+    """(top probability (N,), right (N,) bool, one digit found (N,) bool) of each (png, label) in `files` read by
+    predict's path: right when it is read as the one right digit."""
+    sure, right, single = [], [], []
+    for png, label in tqdm(files, desc=name, disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True):
+        _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
+        sure.append(float(probs.max(1).min()))
+        right.append(len(probs) == 1 and int(probs[0].argmax()) == label)
+        single.append(len(probs) == 1)
+    return np.array(sure), np.array(right), np.array(single)
+
+
+def score_declines(model, tta, rows, data_dir, count=None, progress=False):
+    """What a reader that declines (decline_threshold) does to real digits read by predict's path: MNIST's test
+    digits (each its own PNG) and the 30 unseen UCI writers' (dark on light, 64 px; the first `count` of each).
+    Returns {set: {"digits", "declined" (%), "accuracy" (% read as the one right digit and not declined),
+    "accepted_accuracy" (% right of those not declined), "ece", "ece_before" (expected calibration error in % of
+    the digits read as one, at the network's temperature and at 1)}}."""
+    import calibration
+    threshold = decline_threshold(model)
+    images, labels = data_file.read_split(data_dir, "test")
+    sets = {"MNIST test digits": [(composed_numbers.png(a), y) for a, y in
+                                  zip(images[:count].numpy(), labels[:count].tolist())]}
+    unseen, unseen_labels = uci_digits.unseen(data_dir)
+    form = "dark on light, 64 px, bilinear"
+    sets["30 unseen UCI writers"] = [(uci_digits.png(a, form), y) for a, y in
+                                     zip(unseen[:count], unseen_labels[:count].tolist())]
+    model = as_predict_runs(model)
+    plain = copy.deepcopy(model)
+    if getattr(plain, "not_digit", False):
+        plain.temperature.fill_(1.0)
+    result = {}
+    for name, files in sets.items():
+        sure, right, single = read_singles(model, tta, rows, files, name, progress)
+        kept = sure >= threshold
+        label = torch.tensor([y for _, y in files])[single]
+        ece = []
+        for m in (model, plain):
+            probs = np.stack([read_number(m, tta, rows, io.BytesIO(png), name=name)[1][0]
+                              for (png, _), one in zip(files, single) if one])
+            ece.append(calibration.expected_calibration_error(torch.from_numpy(probs), label))
+        result[name] = {"digits": len(files), "declined": 100 * float(np.mean(~kept)),
+                        "accuracy": 100 * float(np.mean(right & kept)),
+                        "accepted_accuracy": 100 * float(right[kept].mean()) if kept.any() else float("nan"),
+                        "ece": ece[0], "ece_before": ece[1]}
+    return result
 
 
 def score_not_digits(model, tta, rows, data_dir, count=200, seed=0, digits=1000, progress=False):
     """Images that hold no digit (not_digits.FAMILIES, `count` each from `seed`) read through predict's path, against
     MNIST's first `digits` test digits as files of their own. Returns {family: {"images", "answered" (% read as
-    digits), "confidence" (their mean), "auroc" (% chance a test digit is read more surely than one of these)}}."""
+    digits: some mark at or over the reader's decline_threshold), "confidence" (their mean), "auroc" (% chance a
+    test digit is read more surely than one of these, by confidence_of)}}."""
     from sklearn.metrics import roc_auc_score  # scikit-learn takes a second to import: only here
     images, _ = data_file.read_split(data_dir, "test")
     images = images.numpy()
+    threshold = decline_threshold(model)
     model = as_predict_runs(model)
     sure = [confidence_of(model, tta, rows, composed_numbers.png(a), "a test digit") for a in images[:digits]]
     sure = [c for c in sure if c is not None]
@@ -179,7 +240,7 @@ def score_not_digits(model, tta, rows, data_dir, count=200, seed=0, digits=1000,
     for family in tqdm(not_digits.FAMILIES, desc="not digits", disable=not progress, leave=False):
         found = [confidence_of(model, tta, rows, png, f"an image of {family}")
                  for png in not_digits.generate(family, count, seed, images)]
-        answered = [c for c in found if c is not None]
+        answered = [c for c in found if c is not None and c >= threshold]
         # An image read as nothing ranks below every digit: it was declined.
         scores = [c if c is not None else -1.0 for c in found]
         auroc = roc_auc_score([1] * len(sure) + [0] * len(scores), sure + scores)

@@ -12,7 +12,8 @@ import difflib
 import math
 
 import data_file
-from model import MODELS
+from errors import UserError
+from model import MODELS, NOT_DIGIT_MODELS
 
 DEVICES = ("auto", "cpu", "cuda", "mps", "xpu")
 
@@ -84,6 +85,9 @@ class Config:
     clean_epochs: int = setting(0, "train the last N epochs on the digits as they are, without the augmentation "
                                    "above", "non_negative")
     label_smoothing: float = setting(0.0, "label smoothing of the training loss", "fraction_or_zero")
+    not_digits: float = setting(0.0, "weight of the loss that teaches a network with a 'not a digit' output "
+                                     "(ressenet-nd) to give it to images that hold no digit (0: none)",
+                                "non_negative")
     ema: float = setting(0.0, "score and keep a moving average of the weights, with this decay per step "
                               "(0: the weights)", "fraction_or_zero")
     tta: bool = setting(False, "also score validation and test (and predict) on the softmax averaged over the "
@@ -138,6 +142,12 @@ RECIPES = {
     "ressenet-wide-writers-clean-30epoch": dict(RESSENET, model="ressenet-wide", epochs=30, batch_size=256,
                                                 max_lr=0.02, scale=0.1, val_size=0, ema=0.999, restyle=0.25,
                                                 digit_variants=0.5, clean_epochs=2),
+    # The reader that says "not a digit" (predict, serve, the page): the reader's training on a network twice as wide
+    # with an 11th output, images that hold no digit (not_digits.training_images) joined to every batch at weight
+    # 0.1, and a 5,000-digit validation split to set its temperature and threshold on.
+    "ressenet-nd-writers-clean-30epoch": dict(RESSENET, model="ressenet-nd", epochs=30, batch_size=256, max_lr=0.02,
+                                              scale=0.1, val_size=5_000, ema=0.999, restyle=0.25, digit_variants=0.5,
+                                              clean_epochs=2, not_digits=0.1),
     # The row reader (model.RowNet) that finds the digits in a row for every digit network (predict, serve, the
     # page): CTC on rows of 1-8 training digits composed on the fly (row_train.py), 2 epochs of 1,563 batches of 32
     # rows, a 50k/10k train/validation split of the digits the rows are made of.
@@ -262,7 +272,23 @@ def given_fields(args):
     return {name: getattr(args, name) for name in sorted(names) if hasattr(args, name)}
 
 
+class ConfigError(UserError):
+    """Settings that cannot train together; the message says what to change."""
+
+
+def check(config):
+    """`config`, or a ConfigError when a "not a digit" setting cannot work: the weight on a network without that
+    output, or such a network without the validation split its temperature and threshold are chosen on."""
+    if config.not_digits and config.model not in NOT_DIGIT_MODELS:
+        raise ConfigError(f"--not-digits trains a 'not a digit' output, which {config.model} has none of "
+                          f"(networks with one: {', '.join(NOT_DIGIT_MODELS)})")
+    if config.model in NOT_DIGIT_MODELS and not config.val_size:
+        raise ConfigError(f"{config.model} chooses its temperature and threshold on a validation split: give "
+                          f"--val-size (its recipe carves 5000)")
+    return config
+
+
 def config_from_flags(args):
     """The training config: the recipe the flags name (net-1epoch when none), the given flags over its values."""
     given = given_fields(args)
-    return recipe_config(given.pop("recipe", "net-1epoch"), **given)
+    return check(recipe_config(given.pop("recipe", "net-1epoch"), **given))

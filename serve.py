@@ -49,8 +49,9 @@ class Predictor:
     server is threaded). Decoding in a few fixed threads, not in every handler's, also keeps the memory an image
     needed in few allocator arenas, to be reused by the next image."""
 
-    def __init__(self, probabilities, row_frames):
+    def __init__(self, probabilities, row_frames, threshold=0.0):
         self._probabilities, self._row_frames, self.lock = probabilities, row_frames, threading.Lock()
+        self.threshold = threshold  # a mark read under this confidence is "not a digit" (digit_image.declined)
         self.decoder = ThreadPoolExecutor(DECODES_AT_ONCE, "decode")
 
     def probabilities(self, digits):
@@ -63,11 +64,11 @@ class Predictor:
 
     def read(self, body):
         return digit_image.read_number(io.BytesIO(body), self.probabilities, self.row_frames,
-                                       name="the uploaded image", max_pixels=MAX_PIXELS)
+                                       name="the uploaded image", max_pixels=MAX_PIXELS, threshold=self.threshold)
 
     def __call__(self, body):
         """digit_image.answer's {"number", "digits", ...} for an uploaded image; ImageError if it holds none."""
-        return digit_image.answer(*self.decoder.submit(self.read, body).result())
+        return digit_image.answer(*self.decoder.submit(self.read, body).result(), self.threshold)
 
 
 def uploaded_image(content_type, body):
@@ -286,7 +287,8 @@ def cut(connection, how):
 
 
 def load_model(checkpoint=None, onnx=None, rows=None):
-    """(a line saying what answers, its `probabilities` function, its row reader's `row_frames`) for Predictor:
+    """(a line saying what answers, its `probabilities` function, its row reader's `row_frames`, the confidence under
+    which it declines) for Predictor:
     the ONNX file `onnx` and the rows.onnx beside it (or `rows`) run by onnxruntime (torch is never imported),
     else the checkpoint (a model.pt or run folder; None: the newest runs/*/model.pt) and the row reader `rows`
     (run_folder.load_row_reader). All are loaded now, so a file that is not one is refused before the server
@@ -297,7 +299,7 @@ def load_model(checkpoint=None, onnx=None, rows=None):
         row_model = onnx_model.OnnxRows(rows or os.path.join(os.path.dirname(onnx), onnx_model.ROWS_FILE))
         return (f"{onnx}: {model.config.get('model', '?')}, recipe {model.config.get('recipe', '?')}, onnxruntime"
                 f"{', predicting with TTA' if model.tta else ''}; rows read by {row_model.path}"), \
-            model.probabilities, row_model.row_frames
+            model.probabilities, row_model.row_frames, model.threshold
     import reader
     import run_folder
     path, model, stored = run_folder.load_named_checkpoint(checkpoint)
@@ -305,7 +307,7 @@ def load_model(checkpoint=None, onnx=None, rows=None):
     tta = ", predicting with TTA" if reader.checkpoint_tta(stored) else ""
     line = f"{path}: {stored['model_name']}, recipe {stored.get('config', {}).get('recipe', '?')}{tta}; rows read " \
            f"by {rows_path}"
-    return line, reader.digit_reader(model, stored), reader.row_reader(row_model)
+    return line, reader.digit_reader(model, stored), reader.row_reader(row_model), reader.decline_threshold(model)
 
 
 def make_server(predictor, host="127.0.0.1", port=8000):

@@ -20,6 +20,7 @@ import benchmark
 import composed_numbers
 import digit_image
 import evaluate
+import export
 import main
 import model_train
 import plots
@@ -776,6 +777,19 @@ def test_predict_reads_a_number_digit_by_digit_and_as_json(ressenet_8epoch_folde
         assert all(abs(sum(d["probabilities"]) - 1) < 1e-4 for d in a["digits"])
 
 
+def test_predict_says_not_a_digit_with_its_best_guess_and_exits_as_for_a_blank_image(declining_folder, test_digits,
+                                                                                     tmp_path, capsys):
+    path = tmp_path / "mark.png"
+    path.write_bytes(composed_numbers.png(255 - test_digits[0][0].numpy()))
+    r = in_process(main.main, ["predict", str(path), "--checkpoint", str(declining_folder)], capsys)
+    assert r.returncode == 1 and r.stderr == ""
+    assert re.fullmatch(rf"{re.escape(str(path))}: not a digit  \(best guess \d, \d+\.\d%\)\n", r.stdout)
+    r = in_process(main.main, ["predict", str(path), "--json", "--checkpoint", str(declining_folder)], capsys)
+    answer = json.loads(r.stdout)
+    assert r.returncode == 1 and answer["not_a_digit"] and answer["number"] == "?" and answer["digits"][0]["declined"]
+    assert sum(answer["digits"][0]["probabilities"]) < 1  # what is left is "not a digit"
+
+
 @pytest.mark.slow
 def test_predict_answers_one_digit_as_before(net_1epoch_checkpoint, test_digits, tmp_path, capsys):
     # An image of one digit: its three likeliest, from exactly the preparation and scoring predict always used.
@@ -796,6 +810,16 @@ def test_predict_answers_one_digit_as_before(net_1epoch_checkpoint, test_digits,
 
 
 # --- export: ONNX and int8, checked on the test set ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_export_carries_the_threshold_under_which_the_network_declines(declining_folder, tmp_path, capsys):
+    import onnx_model
+    out = tmp_path / "model.onnx"
+    r = in_process(main.main, ["export", str(declining_folder), "--out", str(out)], capsys)
+    assert r.returncode == 0, r.stderr
+    assert onnx_model.OnnxModel(str(out)).threshold == pytest.approx(1.5)
+    assert '"THRESHOLD": 0.5' in export.web_settings({}, 0.5) and '"THRESHOLD": 0.0' in export.web_settings({})
+
 
 @pytest.mark.slow
 def test_export_computes_what_the_checkpoint_does_and_int8_stays_close(ressenet_8epoch_run, ressenet_8epoch_onnx):

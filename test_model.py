@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import digit_image
-from model import MODELS, ROW_MODELS, Net, ResidualBlock, SqueezeExcite, build_model, center_crop, count_parameters
+from model import (MODELS, ROW_MODELS, Net, ResidualBlock, SqueezeExcite, build_model, center_crop, count_parameters,
+                   not_digit_log_probability)
 
 
 
@@ -41,7 +42,7 @@ def test_the_public_one_epoch_network_has_215194_parameters():
 
 # The sizes the README's network table states; a change to a network shows up here first.
 NETWORK_SIZES = {"net": 13_242, "ressenet": 13_418, "ressenet-small": 7_864, "ressenet-tiny": 5_533,
-                 "ressenet-micro": 3_482, "ressenet-wide": 14_658, "ressenet-wide22": 14_658, "shared-nano": 978,
+                 "ressenet-micro": 3_482, "ressenet-wide": 14_658, "ressenet-nd": 52_715, "ressenet-wide22": 14_658, "shared-nano": 978,
                  "cnn-215k": 215_194, "rows": 85_755}
 
 
@@ -123,3 +124,17 @@ def test_seed2_network_sees_only_the_central_22x22():
         out = model(x)
         assert torch.allclose(model(x.masked_fill(border, 5.0)), out)  # the 3-pixel border is ignored
         assert not torch.allclose(model(x.masked_fill(~border, 5.0)), out)
+
+
+def test_a_network_with_a_not_a_digit_output_leaves_the_digits_what_it_does_not_give_that():
+    torch.manual_seed(0)
+    net = build_model("ressenet-nd").eval()
+    x = torch.randn(4, 1, 28, 28)
+    log_probs = net(x)
+    rest = not_digit_log_probability(log_probs).exp()
+    assert log_probs.shape == (4, 10) and torch.allclose(log_probs.exp().sum(1) + rest, torch.ones(4))
+    logits = net.fc(net.dropout(torch.flatten(net.gap(net.res2(net.layer2(net.pool(net.res1(net.layer1(net.stem(
+        center_crop(x, 24)))))))), 1)))
+    torch.testing.assert_close(rest, logits.softmax(1)[:, 10])  # the 11th output is "not a digit"
+    net.temperature.fill_(0.5)  # the temperature divides every logit
+    torch.testing.assert_close(net(x).exp(), (logits / 0.5).softmax(1)[:, :10])

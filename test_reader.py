@@ -265,8 +265,36 @@ def test_evaluate_not_digits_reports_every_family_through_predicts_path(untraine
     result = reader.score_not_digits(model, False, rows, DATA_DIR, count=3, digits=10)
     assert list(result) == list(not_digits.FAMILIES)
     assert all(r["images"] == 3 and 0 <= r["answered"] <= 100 and 0 <= r["auroc"] <= 100 for r in result.values())
-    lines = evaluate.not_digit_lines(result)
-    assert len(lines) == 1 + len(result) and sum("(held out)" in line for line in lines) == len(not_digits.HELD_OUT)
+    lines = evaluate.not_digit_lines(result, 0.0)
+    assert "it never declines" in lines[0] and len(lines) == 1 + len(result) and sum("(held out)" in line for line in lines) == len(not_digits.HELD_OUT)
+
+
+def test_the_negatives_a_reader_trains_on_come_from_their_seed_and_never_from_a_held_out_family(test_digits):
+    images, labels = (t.numpy() for t in test_digits)
+    bank = not_digits.training_images(12, 3, images, labels)
+    assert bank.shape == (12, 28, 28) and bank.dtype == np.float32 and np.isfinite(bank).all()
+    assert np.array_equal(bank, not_digits.training_images(12, 3, images, labels))
+    assert not any("Serif" in face or "Mono" in face for face in not_digits.TRAINING_SANS)  # serif letters: held out
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # no part of a digit that is a digit: never half of a 1, never a 1 laid over another
+        part = np.asarray(not_digits.training_part(images, labels, rng))
+        assert part.shape == (not_digits.SIDE, not_digits.SIDE) and part.max() > 0
+
+
+def test_a_mark_under_the_threshold_is_not_a_digit_and_a_question_mark_in_the_number():
+    probs = np.array([[0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0],
+                      [0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.95, 0.0]])
+    assert digit_image.describe(probs, 0.5) == "4?8  (4 90.0%, ? best guess 7 20.0%, 8 95.0%)"
+    assert digit_image.describe(probs, 0.0).startswith("478  (")  # a reader that never declines
+    assert digit_image.describe(probs[1:2], 0.5) == "not a digit  (best guess 7, 20.0%)"
+    reading = digit_image.Reading(np.zeros((3, 28, 28), np.float32), [[0, 0, 1, 1]] * 3)
+    answer = digit_image.answer(reading, probs, 0.5, previews=False)
+    assert answer["number"] == "4?8" and not answer["not_a_digit"]
+    assert [d["declined"] for d in answer["digits"]] == [False, True, False] and answer["digits"][1]["digit"] == 7
+    one = digit_image.answer(digit_image.Reading(reading.digits[1:2], reading.boxes[1:2]), probs[1:2], 0.5,
+                             previews=False)
+    assert one["not_a_digit"] and one["number"] == "?" and one["digit"] == 7  # the best guess, said as such
 
 
 def test_evaluate_not_digits_without_the_fonts_says_what_to_install_before_any_work(monkeypatch, capsys, tmp_path):

@@ -24,8 +24,8 @@ import reader
 import run_folder
 import serve
 from conftest import (DATA_DIR, HERE, digit_tensor, draw_digit, http_request, in_process, one_line_error,
-                      png_claiming_size, predicted, raw_request, shipped_row_reader, wait_for_answer,
-                      write_digit_variants)
+                      png_claiming_size, predicted, raw_request, shipped_row_reader, start_server, stop_server,
+                      wait_for_answer, write_digit_variants)
 
 
 # --- the server over HTTP -----------------------------------------------------------------------------------
@@ -76,6 +76,15 @@ def test_server_predicts_real_digits_as_predict_does(server, net_1epoch_checkpoi
     assert one >= 38
     status, page = http_request(server, "GET", "/")
     assert status == 200 and b"<canvas" in page and b"http" not in page.split(b"<script>")[1]  # nothing fetched
+
+
+def test_the_server_says_not_a_digit_as_predict_does(declining_folder, test_digits):
+    srv = start_server(declining_folder / "model.pt")
+    try:
+        status, answer = http_request(srv, "POST", "/predict", composed_numbers.png(test_digits[0][0].numpy()))
+        assert status == 200 and answer["not_a_digit"] and answer["number"] == "?" and answer["digits"][0]["declined"]
+    finally:
+        stop_server(srv)
 
 
 def test_server_answers_bad_requests_with_the_right_status_and_keeps_serving(stub_server, tmp_path):

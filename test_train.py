@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import augment
+import calibration
 import data_file
 import errors
 import model_train
@@ -29,7 +30,7 @@ CONFIG_DEFAULTS = {
     "optimizer": "adam", "max_lr": 0.005, "pct_start": 0.1,
     "div_factor": 1.0, "final_div_factor": 10.0, "weight_decay": 0.0, "clip_grad": 1.0, "val_size": 0, "shift": 0.0,
     "rotate": 0.0, "scale": 0.0, "restyle": 0.0, "digit_variants": 0.0, "clean_epochs": 0, "label_smoothing": 0.0,
-    "ema": 0.0, "tta": False, "seed": 1, "kernels": "fast", "data_dir": "./data"}
+    "not_digits": 0.0, "ema": 0.0, "tta": False, "seed": 1, "kernels": "fast", "data_dir": "./data"}
 RESSENET_8 = dict(model="ressenet", dropout=0.1, epochs=8, batch_size=512, max_lr=0.03, pct_start=0.2, div_factor=10.0,
                   final_div_factor=100.0, weight_decay=0.0005, clip_grad=0.0, val_size=10000, shift=2.0, rotate=10.0,
                   label_smoothing=0.1, tta=True)
@@ -48,6 +49,8 @@ PINNED = {
     "ressenet-wide22-b128-1epoch": dict(ONE_EPOCH, model="ressenet-wide22", dropout=0.0, batch_size=128, max_lr=0.03),
     "ressenet-wide-ema-30epoch": WIDE_30,
     "ressenet-wide-writers-clean-30epoch": dict(WIDE_30, restyle=0.25, digit_variants=0.5, clean_epochs=2),
+    "ressenet-nd-writers-clean-30epoch": dict(WIDE_30, model="ressenet-nd", val_size=5000, restyle=0.25,
+                                              digit_variants=0.5, clean_epochs=2, not_digits=0.1),
     "ressenet-micro-clean-40epoch": dict(SMALL_40, model="ressenet-micro"),
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
     "rows-ctc": dict(model="rows", epochs=2, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
@@ -268,3 +271,55 @@ def test_ressenet_8epoch_reaches_99_4_percent_test_accuracy(ressenet_8epoch_run)
           f"validation with TTA by epoch {val}, {metrics['train_seconds']:.0f} s")
     assert metrics["test_acc_tta"] >= 99.4 and metrics["test_acc"] >= 99.3
     assert val[-1] >= 99.0  # the validation split, carved from the training set, agrees
+
+
+# --- a reader that declines what holds no digit -------------------------------------------------------------
+
+def test_the_temperature_chosen_undoes_an_overconfident_network_and_the_threshold_keeps_its_share():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20_000, 11, generator=gen) * 2
+    z[:, 10] = -30  # digits, all of them: "not a digit" has no share
+    labels = torch.multinomial(z[:, :10].softmax(1), 1, generator=gen)[:, 0]  # z is calibrated by construction
+    views = (2 * z).log_softmax(1)[None, :, :10]  # what a network twice as sure as it should be gives
+    chosen = calibration.choose(views, labels)
+    assert abs(chosen["temperature"] - 2.0) < 0.1
+    assert chosen["val_ece"] < 1.0 < chosen["val_ece_before"]
+    sure = calibration.digit_probabilities(calibration.logits(views.double()), chosen["temperature"]).max(1).values
+    assert (sure >= calibration.threshold(sure)).double().mean() >= calibration.KEEP
+    assert (sure > calibration.threshold(sure)).double().mean() < calibration.KEEP  # the highest such
+
+
+def test_expected_calibration_error_is_the_gap_between_confidence_and_accuracy():
+    probs = torch.tensor([[0.7, 0.3]] * 10 + [[0.9, 0.1]] * 10)
+    labels = torch.tensor([0] * 7 + [1] * 3 + [0] * 9 + [1])  # 70% right at 70%, 90% right at 90%: calibrated
+    assert calibration.expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-4)  # float32 0.7
+    assert calibration.expected_calibration_error(probs, 1 - labels) == pytest.approx(
+        100 * (0.5 * (0.7 - 0.3) + 0.5 * (0.9 - 0.1)))
+
+
+@pytest.mark.slow
+def test_a_declining_reader_sets_its_threshold_on_validation_and_resumes_bit_for_bit(mnist):
+    # ressenet-nd on 1,536 digits (6 batches an epoch) with negatives, 2 epochs: whole, and stopped after
+    # epoch 1 then resumed; the threshold keeps KEEP of the validation digits.
+    data = small_split(mnist)
+    config = recipes.check(recipes.recipe_config("ressenet-wide-writers-clean-30epoch", model="ressenet-nd",
+                                                 epochs=2, clean_epochs=1, val_size=512, not_digits=0.5,
+                                                 data_dir=DATA_DIR))
+    states = []
+    whole_model, whole = model_train.train(config, log=quiet, progress=False, data=data, device="cpu",
+                                           on_epoch=states.append)
+    resumed_model, resumed = model_train.train(config, log=quiet, progress=False, data=data, device="cpu",
+                                               resume=states[0])
+    assert without_timings(resumed) == without_timings(whole)
+    for k, v in whole_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
+    assert whole["temperature"] == float(whole_model.temperature) and whole["threshold"] == float(whole_model.threshold)
+    sure = model_train.log_probabilities(whole_model.eval(), data["val"][0], tta=True).exp().max(1).values
+    assert (sure >= whole_model.threshold).double().mean() >= calibration.KEEP
+
+
+def test_settings_that_cannot_decline_are_refused_before_training():
+    with pytest.raises(recipes.ConfigError, match="ressenet-wide has none"):
+        recipes.check(recipes.recipe_config("ressenet-wide-writers-clean-30epoch", not_digits=0.5))
+    with pytest.raises(recipes.ConfigError, match="validation split"):
+        recipes.check(recipes.recipe_config("ressenet-wide-writers-clean-30epoch", model="ressenet-nd"))
