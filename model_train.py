@@ -20,6 +20,7 @@ from tqdm import tqdm
 import augment
 import calibration
 import data_file
+import uci_digits
 from digit_image import TTA_SHIFTS
 from errors import UserError
 from model import NOT_DIGIT_MODELS, build_model, count_parameters, not_digit_log_probability
@@ -157,8 +158,9 @@ def place(model, config, device):
 
 
 def calibrate(model, images, labels, tta):
-    """Set a not_digit network's temperature and threshold (calibration.choose) from validation digits; return
-    what was chosen and the validation ECE before and after."""
+    """Set a not_digit network's temperature (calibration.choose) from validation digits, and its threshold from
+    them and the 13 UCI writers' choose half (uci_digits.prepared); return what was chosen and the validation ECE
+    before and after."""
     model.eval()
     model.temperature.fill_(1.0)
     views = torch.stack([torch.cat([log_probabilities(model, x, False, shift) for x, _ in
@@ -166,9 +168,13 @@ def calibrate(model, images, labels, tta):
                          for shift in (TTA_SHIFTS if tta else [(0, 0)])])
     chosen = calibration.choose(views, labels.cpu())
     model.temperature.fill_(chosen["temperature"])
-    sure = torch.cat([log_probabilities(model, x, tta).exp().max(1).values
-                      for x, _ in data_file.batches(images, labels, EVAL_BATCH)])
-    model.threshold.fill_(calibration.threshold(sure.cpu()))  # on what the network computes, at its precision
+    others = torch.from_numpy(uci_digits.prepared())[:, None].to(images.device)
+    sure, others = (torch.cat([log_probabilities(model, x, tta).exp().max(1).values.cpu()
+                               for x in digits.split(EVAL_BATCH)]) for digits in (images, others))
+    # on what the network computes, at its own precision
+    chosen.update(threshold_val=calibration.threshold(sure), threshold_others=calibration.threshold(
+        others, calibration.KEEP_OTHERS))
+    model.threshold.fill_(min(chosen["threshold_val"], chosen["threshold_others"]))
     return {**chosen, "threshold": float(model.threshold)}
 
 
@@ -248,7 +254,8 @@ def run_epochs(config, device, log, data, progress, on_epoch, resume, dry_run):
     if config.model in NOT_DIGIT_MODELS:  # its temperature and threshold, on validation, before the test is scored
         chosen = calibrate(scored, *val, config.tta)
         log(f"temperature {chosen['temperature']:.2f} (validation ECE {chosen['val_ece_before']:.2f}% -> "
-            f"{chosen['val_ece']:.2f}%) | declines under {100 * chosen['threshold']:.1f}% confidence")
+            f"{chosen['val_ece']:.2f}%) | declines under {100 * chosen['threshold']:.1f}% confidence (validation "
+            f"digits {100 * chosen['threshold_val']:.1f}%, UCI's 13 writers {100 * chosen['threshold_others']:.1f}%)")
     test = score(scored, x_test, y_test, EVAL_BATCH, config.tta, "test_", details=True)
     metrics = {
         "recipe": config.recipe, "model": config.model, "parameters": params, "seed": config.seed,

@@ -177,23 +177,22 @@ def confidence_of(model, tta, rows, png, name):
 
 
 def read_singles(model, tta, rows, files, name, progress=False):
-    """(top probability (N,), right (N,) bool, one digit found (N,) bool) of each (png, label) in `files` read by
+    """(the least sure mark's top probability (N,), right (N,) bool) of each (png, label) in `files` read by
     predict's path: right when it is read as the one right digit."""
-    sure, right, single = [], [], []
+    sure, right = [], []
     for png, label in tqdm(files, desc=name, disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True):
         _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
         sure.append(float(probs.max(1).min()))
         right.append(len(probs) == 1 and int(probs[0].argmax()) == label)
-        single.append(len(probs) == 1)
-    return np.array(sure), np.array(right), np.array(single)
+    return np.array(sure), np.array(right)
 
 
 def score_declines(model, tta, rows, data_dir, count=None, progress=False):
-    """What a reader that declines (decline_threshold) does to real digits read by predict's path: MNIST's test
-    digits (each its own PNG) and the 30 unseen UCI writers' (dark on light, 64 px; the first `count` of each).
-    Returns {set: {"digits", "declined" (%), "accuracy" (% read as the one right digit and not declined),
-    "accepted_accuracy" (% right of those not declined), "ece", "ece_before" (expected calibration error in % of
-    the digits read as one, at the network's temperature and at 1)}}."""
+    """What a reader that declines (decline_threshold) does to real digits, each file read by predict's path:
+    MNIST's test digits (each its own PNG) and the 30 unseen UCI writers' (dark on light, 64 px; the first `count`
+    of each). Returns {set: {"digits", "declined" (%), "accuracy" (% read as the one right digit and not declined),
+    "accepted_accuracy" (% right of those not declined), "ece", "ece_before" (expected calibration error in %, of
+    each file read whole as one digit, at the network's temperature and at 1)}}."""
     import calibration
     threshold = decline_threshold(model)
     images, labels = data_file.read_split(data_dir, "test")
@@ -209,14 +208,13 @@ def score_declines(model, tta, rows, data_dir, count=None, progress=False):
         plain.temperature.fill_(1.0)
     result = {}
     for name, files in sets.items():
-        sure, right, single = read_singles(model, tta, rows, files, name, progress)
+        sure, right = read_singles(model, tta, rows, files, name, progress)
         kept = sure >= threshold
-        label = torch.tensor([y for _, y in files])[single]
-        ece = []
-        for m in (model, plain):
-            probs = np.stack([read_number(m, tta, rows, io.BytesIO(png), name=name)[1][0]
-                              for (png, _), one in zip(files, single) if one])
-            ece.append(calibration.expected_calibration_error(torch.from_numpy(probs), label))
+        whole = np.stack([digit_image.read_digit(io.BytesIO(png)) for png, _ in files])
+        label = torch.tensor([y for _, y in files])
+        ece = [calibration.expected_calibration_error(torch.from_numpy(np.concatenate(
+            [probabilities(m, part, tta) for part in np.array_split(whole, -(-len(whole) // 1000))])), label)
+            for m in (model, plain)]
         result[name] = {"digits": len(files), "declined": 100 * float(np.mean(~kept)),
                         "accuracy": 100 * float(np.mean(right & kept)),
                         "accepted_accuracy": 100 * float(right[kept].mean()) if kept.any() else float("nan"),

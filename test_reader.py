@@ -297,6 +297,16 @@ def test_a_mark_under_the_threshold_is_not_a_digit_and_a_question_mark_in_the_nu
     assert one["not_a_digit"] and one["number"] == "?" and one["digit"] == 7  # the best guess, said as such
 
 
+def test_evaluate_not_digits_reports_real_digits_declined_and_calibration(declining_folder, rows):
+    model, _ = run_folder.load_checkpoint(declining_folder / "model.pt")
+    result = reader.score_declines(model, True, rows, DATA_DIR, count=5)
+    assert list(result) == ["MNIST test digits", "30 unseen UCI writers"]
+    for r in result.values():  # a threshold over any probability declines every digit: none is read right
+        assert (r["digits"], r["declined"], r["accuracy"]) == (5, 100.0, 0.0) and 0 <= r["ece"] <= 100
+    lines = evaluate.decline_lines(result)
+    assert len(lines) == 2 and lines[0].startswith("MNIST test digits, 5 files: 100.00% declined, 0.00% read right")
+
+
 def test_evaluate_not_digits_without_the_fonts_says_what_to_install_before_any_work(monkeypatch, capsys, tmp_path):
     # A machine without Debian's fonts (Pillow also looks for a font's file name in the system's font folders).
     monkeypatch.setattr(not_digits, "FONTS", {"sans": ("none/NoSuchSans.ttf",), "serif": ("none/NoSuchSerif.ttf",)})

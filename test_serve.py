@@ -601,3 +601,22 @@ def test_static_site_prepares_and_reads_as_python_does(browser, static_site, net
     assert all(not path.startswith("http") for path in asked) and {"/model.onnx", "/rows.onnx"} <= set(asked)
     origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(u.startswith(url) for u in origins), origins  # nothing fetched from anywhere else
+
+
+@pytest.mark.browser
+def test_the_page_and_the_static_site_say_not_a_digit_and_grey_the_mark(browser, declining_folder, static_site,
+                                                                        test_digits):
+    srv = start_server(declining_folder / "model.pt")  # the server's answer, then digits.js's own
+    try:
+        for url in (f"http://127.0.0.1:{srv.server_address[1]}/", static_site[0]):
+            browser.get(url)
+            if url == static_site[0]:  # the site's network never declines: settings.js as a declining one's says
+                browser.execute_script("window.DIGIT_IMAGE.THRESHOLD = 1.5")
+            strokes = draw_digit(browser, test_digits[0][0].numpy())
+            number, error = wait_for_answer(browser, strokes)
+            assert (number, error) == ("not a digit", "") and browser.execute_script(
+                "return document.body.dataset.number") == "?"
+            cell = browser.find_element("css selector", "#digits .cell")
+            assert "declined" in cell.get_attribute("class") and cell.find_element("tag name", "b").text == "?"
+    finally:
+        stop_server(srv)

