@@ -32,27 +32,48 @@ def compose(images, labels, count, seed=0, gaps=GAPS, broken=False):
     for _ in range(count):
         length, gap = int(rng.choice(LENGTHS)), int(rng.choice(gaps))
         picks = rng.integers(0, len(labels), length)
-        glyphs, shifts = [], []
-        for i in picks:
-            a = images[i]
-            ys, xs = np.nonzero(a)
-            crop = Image.fromarray(a[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
-            scale = rng.uniform(0.8, 1.2)
-            size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
-            glyph = np.asarray(crop.resize(size, Image.BILINEAR))
-            if broken and rng.random() < 0.5:
-                glyph = broken_stroke(glyph, rng)
-            glyphs.append(glyph)
-            shifts.append(int(rng.integers(-3, 4)))
-        height = 16 + max(g.shape[0] for g in glyphs) + 6
-        page = np.zeros((height, 16 + sum(g.shape[1] for g in glyphs) + gap * (length - 1)), np.uint8)
-        x = 8
-        for g, dy in zip(glyphs, shifts):
-            y = (height - g.shape[0]) // 2 + dy
-            window = page[y:y + g.shape[0], x:x + g.shape[1]]
-            np.maximum(window, g, out=window)
-            x += g.shape[1] + gap
-        numbers.append((page, "".join(str(int(labels[i])) for i in picks), gap))
+        numbers.append((written(images[picks], gap, rng, broken), "".join(str(int(labels[i])) for i in picks), gap))
+    return numbers
+
+
+def written(glyphs, gap, rng, broken=False):
+    """A page (uint8 (H, W)) with `glyphs` (uint8 28x28 each, light on black) written side by side as compose
+    writes them: each cropped to its ink, scaled by 0.8-1.2 (and with `broken`, half of them broken), moved up or
+    down by up to 3 px, `gap` px apart, with an 8-px margin."""
+    cropped, shifts = [], []
+    for a in glyphs:
+        ys, xs = np.nonzero(a)
+        crop = Image.fromarray(a[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+        scale = rng.uniform(0.8, 1.2)
+        size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+        glyph = np.asarray(crop.resize(size, Image.BILINEAR))
+        if broken and rng.random() < 0.5:
+            glyph = broken_stroke(glyph, rng)
+        cropped.append(glyph)
+        shifts.append(int(rng.integers(-3, 4)))
+    height = 16 + max(g.shape[0] for g in cropped) + 6
+    page = np.zeros((height, 16 + sum(g.shape[1] for g in cropped) + gap * (len(cropped) - 1)), np.uint8)
+    x = 8
+    for g, dy in zip(cropped, shifts):
+        y = (height - g.shape[0]) // 2 + dy
+        window = page[y:y + g.shape[0], x:x + g.shape[1]]
+        np.maximum(window, g, out=window)
+        x += g.shape[1] + gap
+    return page
+
+
+def with_marks(images, labels, marks, count, seed=0):
+    """`count` numbers of 3-5 MNIST digits 2-8 px apart, one of them replaced by a mark that is no digit (`marks`:
+    uint8 (M, 28, 28), light on black, as MNIST's digits are framed): (image, its digits with a ? for the mark,
+    gap), written as compose writes them. The same seed gives the same numbers."""
+    rng = np.random.default_rng(seed)
+    numbers = []
+    for _ in range(count):
+        length, gap = int(rng.integers(3, 6)), int(rng.integers(2, 9))
+        picks, where = rng.integers(0, len(labels), length), int(rng.integers(length))
+        glyphs = [marks[int(rng.integers(len(marks)))] if k == where else images[i] for k, i in enumerate(picks)]
+        text = "".join("?" if k == where else str(int(labels[i])) for k, i in enumerate(picks))
+        numbers.append((written(np.stack(glyphs), gap, rng), text, gap))
     return numbers
 
 

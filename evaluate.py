@@ -176,3 +176,7 @@ def evaluation_report(path, model, checkpoint, split="test", device="auto", data
         yield from not_digit_lines(reader.score_not_digits(model, tta, rows, config.data_dir, progress=progress),
                                    reader.decline_threshold(model))
         yield from decline_lines(reader.score_declines(model, tta, rows, config.data_dir, progress=progress))
+        marked = reader.score_marked_numbers(model, tta, rows, config.data_dir, progress=progress)
+        yield (f"numbers of 3-5 test digits with a held-out mark among them, {marked['numbers']}: "
+               f"{marked['exact']:.1f}% read exactly with a ? for the mark; the mark read as a digit in "
+               f"{marked['answered']:.1f}%")

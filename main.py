@@ -180,7 +180,8 @@ def evaluate_command(argv):
     p.add_argument("--not-digits", action="store_true",
                    help="also read 200 images of each kind that holds no digit (letters, symbols, scribbles, shapes, "
                         "blots, parts of digits; drawn from a fixed seed with Debian's DejaVu and Liberation fonts): "
-                        "how many are answered as digits, and how surely against test digits (AUROC)")
+                        "how many are answered as digits, and how surely against test digits (AUROC); then how many "
+                        "test digits and unseen UCI writers' digits are declined, and the calibration error")
     p.add_argument("--rows", help=ROWS_HELP + "; with --uci-digits, --numbers and --not-digits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for the UCI digits and numbers")
     args = p.parse_args(argv)

@@ -248,6 +248,29 @@ def score_not_digits(model, tta, rows, data_dir, count=200, seed=0, digits=1000,
     return result
 
 
+def score_marked_numbers(model, tta, rows, data_dir, count=200, seed=9, progress=False):
+    """Numbers of 3-5 test digits with one mark that is no digit among them (a serif letter or a shape: the
+    families held out from training, composed_numbers.with_marks), read through predict's path. Returns {"numbers",
+    "exact" (% read with every digit right and a ? for the mark), "answered" (% with the mark read as a digit)}."""
+    images, labels = data_file.read_split(data_dir, "test")
+    images = images.numpy()
+    marks = np.concatenate([
+        np.stack([np.round((digit_image.read_digit(io.BytesIO(png)) * digit_image.STD + digit_image.MEAN) * 255)
+                  .clip(0, 255).astype(np.uint8) for png in not_digits.generate(family, count, seed, images)])
+        for family in not_digits.HELD_OUT])
+    threshold = decline_threshold(model)
+    model = as_predict_runs(model)
+    exact = answered = 0
+    numbers = composed_numbers.with_marks(images, labels.numpy(), marks, count, seed)
+    for page, written, _ in tqdm(numbers, desc="numbers with a mark", disable=not progress, leave=False):
+        _, probs = read_number(model, tta, rows, io.BytesIO(composed_numbers.png(page)), name="a composed number")
+        unread = digit_image.declined(probs, threshold)
+        read = "".join("?" if u else str(d) for d, u in zip(probs.argmax(1), unread))
+        exact += read == written
+        answered += len(read) == len(written) and read[written.index("?")] != "?"
+    return {"numbers": count, "exact": 100 * exact / count, "answered": 100 * answered / count}
+
+
 def score_numbers(model, tta, rows, data_dir, count=1000, seed=0, split="test", progress=False, gaps=None,
                   broken=False):
     """Numbers written with MNIST's `split` digits (composed_numbers.compose: 2-6 digits, 0-8 px apart), read

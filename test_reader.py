@@ -305,6 +305,17 @@ def test_evaluate_not_digits_reports_real_digits_declined_and_calibration(declin
         assert (r["digits"], r["declined"], r["accuracy"]) == (5, 100.0, 0.0) and 0 <= r["ece"] <= 100
     lines = evaluate.decline_lines(result)
     assert len(lines) == 2 and lines[0].startswith("MNIST test digits, 5 files: 100.00% declined, 0.00% read right")
+    marked = reader.score_marked_numbers(model, True, rows, DATA_DIR, count=4)
+    assert marked == {"numbers": 4, "exact": 0.0, "answered": 0.0}  # every digit declined too: ? for each
+
+
+def test_numbers_with_a_mark_among_their_digits_say_where_the_mark_is(test_digits):
+    images, labels = test_digits[0].numpy(), test_digits[1].numpy()
+    numbers = composed_numbers.with_marks(images, labels, images[:5], 30, seed=2)
+    again = composed_numbers.with_marks(images, labels, images[:5], 30, seed=2)
+    assert all(np.array_equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(numbers, again))
+    for page, written, gap in numbers:
+        assert 3 <= len(written) <= 5 and written.count("?") == 1 and 2 <= gap <= 8 and page.dtype == np.uint8
 
 
 def test_evaluate_not_digits_without_the_fonts_says_what_to_install_before_any_work(monkeypatch, capsys, tmp_path):
