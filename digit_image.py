@@ -358,35 +358,33 @@ def preview_png(digit):
 
 
 def declined(probabilities, threshold):
-    """(N,) bool: the digits a reader that declines under `threshold` (its model's; 0: one that never declines)
-    does not read, their top probability below it: each such mark is "not a digit"."""
-    return np.asarray(probabilities).max(1) < threshold
+    """(N,) bool: the marks a reader that declines under `threshold` (its model's; 0: one that never declines)
+    does not read: an image read as one mark whose top probability is below it is "not a digit". The marks of a
+    number of several are all read: cut from their neighbours, 2-3% of real digits there read under any useful
+    threshold (docs/experiments.md, 2026-12-07), so a ? would stand in one number of five."""
+    probabilities = np.asarray(probabilities)
+    return (probabilities.max(1) < threshold) & (len(probabilities) == 1)
 
 
 def describe(probabilities, threshold=0.0):
     """`predict`'s line for one image's digits (probabilities (N, 10)): one digit and its three likeliest,
-    "7  (7 99.8%, 2 0.1%, 3 0.1%)"; a number and each digit's confidence, "45  (4 99.9%, 5 99.1%)". A mark under
-    `threshold` is a ? ("4?89"), and an image with no mark read is "not a digit  (best guess 4, 31.0%)"."""
-    unread = declined(probabilities, threshold)
+    "7  (7 99.8%, 2 0.1%, 3 0.1%)"; a number and each digit's confidence, "45  (4 99.9%, 5 99.1%)"; an image of
+    one mark under `threshold` (declined), "not a digit  (best guess 4, 31.0%)"."""
     digits = probabilities.argmax(1)
-    if unread.all():
-        guess = "".join(map(str, digits))
-        sure = ", ".join(f"{100 * float(p[d]):.1f}%" for d, p in zip(digits, probabilities))
-        return f"not a digit  (best guess {guess}, {sure})"
+    if declined(probabilities, threshold).any():
+        return f"not a digit  (best guess {digits[0]}, {100 * float(probabilities[0].max()):.1f}%)"
     if len(probabilities) == 1:
         top = np.argsort(-probabilities[0], kind="stable")[:3]
         return f"{top[0]}  (" + ", ".join(f"{d} {100 * float(probabilities[0][d]):.1f}%" for d in top) + ")"
-    return "".join("?" if u else str(d) for d, u in zip(digits, unread)) + "  (" + ", ".join(
-        f"{'? best guess ' if u else ''}{d} {100 * float(p[d]):.1f}%"
-        for d, p, u in zip(digits, probabilities, unread)) + ")"
+    return "".join(map(str, digits)) + "  (" + ", ".join(
+        f"{d} {100 * float(p[d]):.1f}%" for d, p in zip(digits, probabilities)) + ")"
 
 
 def answer(reading, probabilities, threshold=0.0, previews=True):
     """What `predict --json` and /predict say of a Reading, given each digit's probabilities (N, 10):
     {"number", "digits": [{"digit", "probabilities", "box", "preview", "declined"}], "not_a_digit", "note"?}; an
-    image of one digit also has that digit's "digit", "probabilities" and "preview" at the top level. A mark whose
-    top probability is under `threshold` is declined: "digit" is then its best guess, "number" has a ? in its
-    place, and "not_a_digit" is true when no mark was read."""
+    image of one digit also has that digit's "digit", "probabilities" and "preview" at the top level. A mark
+    declined (`declined`) has its best guess as "digit", a ? in "number", and "not_a_digit" is true."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     unread = declined(probabilities, threshold)
     digits = []
@@ -397,7 +395,7 @@ def answer(reading, probabilities, threshold=0.0, previews=True):
             item["preview"] = preview_png(digit)
         digits.append(item)
     result = {"number": "".join("?" if d["declined"] else str(d["digit"]) for d in digits), "digits": digits,
-              "not_a_digit": bool(unread.all())}
+              "not_a_digit": bool(unread.any())}
     if reading.note:
         result["note"] = reading.note
     if len(digits) == 1:

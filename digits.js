@@ -337,11 +337,11 @@ window.readLocally = async canvas => {
     masks[k].forEach((v, i) => { if (v) { bx0 = Math.min(bx0, i % w); bx1 = Math.max(bx1, i % w + 1); by0 = Math.min(by0, Math.floor(i / w)); by1 = Math.max(by1, Math.floor(i / w) + 1); } });
     const p = probs[k], digit = p.indexOf(Math.max(...p));
     return {digit, probabilities: p, box: [bx0, by0, bx1, by1].map(v => roundHalfEven(v * scale)), preview: preview(d),
-            declined: Math.max(...p) < S.THRESHOLD};  // digit_image.declined: "not a digit"
+            declined: digits.length === 1 && Math.max(...p) < S.THRESHOLD};  // digit_image.declined: "not a digit"
   });
   window.lastInputs = digits.map(d => Array.from(d));  // for the browser test: the network's inputs
   const answer = {number: items.map(d => d.declined ? "?" : d.digit).join(""), digits: items,
-                  not_a_digit: items.every(d => d.declined)};
+                  not_a_digit: items.some(d => d.declined)};
   if (note) answer.note = note;
   if (items.length === 1) Object.assign(answer, {digit: items[0].digit, probabilities: items[0].probabilities, preview: items[0].preview});
   return answer;

@@ -85,7 +85,7 @@ def predict_lines(model, tta, rows, paths, as_json=False):
         except digit_image.ImageError as e:
             yield f"error: {e}", "error"
             continue
-        kind = "declined" if digit_image.declined(probs, threshold).all() else None
+        kind = "declined" if digit_image.declined(probs, threshold).any() else None
         if as_json:
             answer = digit_image.answer(reading, probs, threshold, previews=False)
             keep = {k: answer[k] for k in ("number", "digits", "not_a_digit", "note") if k in answer}
@@ -165,26 +165,27 @@ def score_uci_splits(model, tta, rows, half="report", data_dir="./data", count=N
     return result
 
 
-def confidence_of(model, tta, rows, png, name):
-    """How surely predict's path reads a digit in an image file: the top probability of its surest mark, so that
-    an image counts as answered when any of its marks is read as a digit (None when it holds no mark: a blank
-    image)."""
+def confidence_of(model, tta, rows, png, name, threshold=0.0):
+    """How surely predict's path reads a digit in an image file, and whether it answers with digits: (the top
+    probability of its surest mark, not declined under `threshold` (digit_image.declined)); (None, False) when
+    it holds no mark (a blank image)."""
     try:
         _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
     except digit_image.ImageError:
-        return None
-    return float(probs.max())
+        return None, False
+    return float(probs.max()), not digit_image.declined(probs, threshold).any()
 
 
-def read_singles(model, tta, rows, files, name, progress=False):
-    """(the least sure mark's top probability (N,), right (N,) bool) of each (png, label) in `files` read by
-    predict's path: right when it is read as the one right digit."""
-    sure, right = [], []
+def read_singles(model, tta, rows, files, name, threshold, progress=False):
+    """(declined (N,) bool, right (N,) bool) of each (png, label) in `files` read by predict's path: declined
+    when it is "not a digit" (digit_image.declined under `threshold`), right when it is read as the one right
+    digit."""
+    unread, right = [], []
     for png, label in tqdm(files, desc=name, disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True):
         _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
-        sure.append(float(probs.max(1).min()))
+        unread.append(bool(digit_image.declined(probs, threshold).any()))
         right.append(len(probs) == 1 and int(probs[0].argmax()) == label)
-    return np.array(sure), np.array(right)
+    return np.array(unread), np.array(right)
 
 
 def score_declines(model, tta, rows, data_dir, count=None, progress=False):
@@ -208,8 +209,8 @@ def score_declines(model, tta, rows, data_dir, count=None, progress=False):
         plain.temperature.fill_(1.0)
     result = {}
     for name, files in sets.items():
-        sure, right = read_singles(model, tta, rows, files, name, progress)
-        kept = sure >= threshold
+        unread, right = read_singles(model, tta, rows, files, name, threshold, progress)
+        kept = ~unread
         whole = np.stack([digit_image.read_digit(io.BytesIO(png)) for png, _ in files])
         label = torch.tensor([y for _, y in files])
         ece = [calibration.expected_calibration_error(torch.from_numpy(np.concatenate(
@@ -225,22 +226,22 @@ def score_declines(model, tta, rows, data_dir, count=None, progress=False):
 def score_not_digits(model, tta, rows, data_dir, count=200, seed=0, digits=1000, progress=False):
     """Images that hold no digit (not_digits.FAMILIES, `count` each from `seed`) read through predict's path, against
     MNIST's first `digits` test digits as files of their own. Returns {family: {"images", "answered" (% read as
-    digits: some mark at or over the reader's decline_threshold), "confidence" (their mean), "auroc" (% chance a
-    test digit is read more surely than one of these, by confidence_of)}}."""
+    digits, not declined under the reader's decline_threshold), "confidence" (their surest marks' mean), "auroc"
+    (% chance a test digit is read more surely than one of these, by confidence_of)}}."""
     from sklearn.metrics import roc_auc_score  # scikit-learn takes a second to import: only here
     images, _ = data_file.read_split(data_dir, "test")
     images = images.numpy()
     threshold = decline_threshold(model)
     model = as_predict_runs(model)
-    sure = [confidence_of(model, tta, rows, composed_numbers.png(a), "a test digit") for a in images[:digits]]
+    sure = [confidence_of(model, tta, rows, composed_numbers.png(a), "a test digit")[0] for a in images[:digits]]
     sure = [c for c in sure if c is not None]
     result = {}
     for family in tqdm(not_digits.FAMILIES, desc="not digits", disable=not progress, leave=False):
-        found = [confidence_of(model, tta, rows, png, f"an image of {family}")
+        found = [confidence_of(model, tta, rows, png, f"an image of {family}", threshold)
                  for png in not_digits.generate(family, count, seed, images)]
-        answered = [c for c in found if c is not None and c >= threshold]
+        answered = [c for c, read in found if read]
         # An image read as nothing ranks below every digit: it was declined.
-        scores = [c if c is not None else -1.0 for c in found]
+        scores = [c if c is not None else -1.0 for c, _ in found]
         auroc = roc_auc_score([1] * len(sure) + [0] * len(scores), sure + scores)
         result[family] = {"images": count, "answered": 100 * len(answered) / count,
                           "confidence": 100 * float(np.mean(answered)) if answered else float("nan"),
