@@ -102,6 +102,9 @@ def run(args):
         run = run_folder.Run.new(recipes.config_from_flags(args), args.out_dir, save_model=not args.no_save_model,
                                  log=say, dry_run=args.dry_run)
     model_train.pick_device(args.device)  # an unavailable device is refused before anything is written
+    if run.config.not_digits:
+        import not_digits
+        not_digits.check_fonts()  # the letters its negatives are drawn in, before anything is written
     rows = run.config.model in ROW_MODELS
     with run:
         train = row_train.trainer(run.config)  # model_train.train, or row_train.train_rows for a row reader

@@ -163,8 +163,7 @@ def calibrate(model, images, labels, tta):
     before and after."""
     model.eval()
     model.temperature.fill_(1.0)
-    views = torch.stack([torch.cat([log_probabilities(model, x, False, shift) for x, _ in
-                                    data_file.batches(images, labels, EVAL_BATCH)]).cpu()
+    views = torch.stack([torch.cat([log_probabilities(model, x, False, shift) for x in images.split(EVAL_BATCH)]).cpu()
                          for shift in (TTA_SHIFTS if tta else [(0, 0)])])
     chosen = calibration.choose(views, labels.cpu())
     model.temperature.fill_(chosen["temperature"])
@@ -370,12 +369,12 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps=None, *, clip_gr
         if negatives is not None:
             x_more, y_more = negatives()
             both = model(torch.cat([x, x_more]))
-            output, labels, none = both[:len(y)], torch.cat([y, y_more]), y_more < 0
+            output, labels, no_digit = both[:len(y)], torch.cat([y, y_more]), y_more < 0
             digits = both[labels >= 0]
             # label smoothing among the digits only: it takes nothing from "not a digit"
             loss = ((1 - label_smoothing) * F.nll_loss(digits, labels[labels >= 0])
                     - label_smoothing * digits.mean(1).mean()
-                    - not_digit_weight * not_digit_log_probability(both[len(y):][none]).mean())
+                    - not_digit_weight * not_digit_log_probability(both[len(y):][no_digit]).mean())
         elif label_smoothing:
             output = model(x)
             loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
