@@ -167,7 +167,8 @@ def training_part(images, labels, rng):
 
 
 def drawn(family, rng, digits, sans="sans", labels=None):
-    """One image (Pillow "L", light ink on black) of `family`; letters and symbols in the `sans` fonts' kind."""
+    """One image (Pillow "L", light ink on black) of `family`; letters and symbols in the `sans` fonts' kind; parts
+    of `digits` as digit_part makes them, or given their `labels` as training_part does."""
     if family.startswith("letters"):
         kind = family.split(", ")[1]
         return text_image(LETTERS[int(rng.integers(len(LETTERS)))], sans if kind == "sans" else kind, rng)
@@ -199,12 +200,16 @@ def typed_digits(count, seed):
     """`count` digits typed in the TRAINING_SANS faces as training_images draws the letters, float32 (count, 28,
     28) prepared as predict prepares one digit, and their labels (count,) int64: positives drawn the way the
     negatives are, so that a typed look never marks a non-digit."""
-    import digit_image
     rng = np.random.default_rng([seed, len(FAMILIES) + 1])
     labels = np.arange(count) % 10
-    out = [digit_image.centred(digit_image.ink_of(np.asarray(text_image(str(d), "training sans", rng), np.float32)
-                                                  / 255, "a typed digit")) for d in labels]
-    return np.stack(out), labels.astype(np.int64)
+    return np.stack([prepared(text_image(str(d), "training sans", rng)) for d in labels]), labels.astype(np.int64)
+
+
+def prepared(image):
+    """An image (Pillow "L", light ink on black) as predict prepares one digit (digit_image.read_digit's steps):
+    float32 (28, 28); digit_image.ImageError if it is blank."""
+    import digit_image  # numpy and Pillow only, as this module
+    return digit_image.centred(digit_image.ink_of(np.asarray(image, np.float32) / 255, "a drawn image"))
 
 
 def training_images(count, seed, train_images, train_labels):
@@ -213,14 +218,14 @@ def training_images(count, seed, train_images, train_labels):
     of TRAINING_SANS, parts of digits made from `train_images` (uint8 (N, 28, 28): MNIST's training digits, their
     `train_labels`) as training_part makes them.
     The same seed gives the same images; an image that comes out blank is drawn again."""
-    import digit_image  # numpy and Pillow only, as this module
+    import digit_image
     families = [f for f in FAMILIES if f not in HELD_OUT]
     rng = np.random.default_rng([seed, len(FAMILIES)])  # a stream of its own, apart from generate's
     out = []
     while len(out) < count:
         image = drawn(families[len(out) % len(families)], rng, train_images, "training sans", train_labels)
         try:
-            out.append(digit_image.centred(digit_image.ink_of(np.asarray(image, np.float32) / 255, "a negative")))
+            out.append(prepared(image))
         except digit_image.ImageError:
             continue
     return np.stack(out)
