@@ -216,7 +216,7 @@ def score_declines(model, tta, rows, data_dir, count=None, progress=False):
         ece = [calibration.expected_calibration_error(torch.from_numpy(np.concatenate(
             [probabilities(m, part, tta) for part in np.array_split(whole, -(-len(whole) // 1000))])), label)
             for m in (model, plain)]
-        result[name] = {"digits": len(files), "declined": 100 * float(np.mean(~kept)),
+        result[name] = {"digits": len(files), "declined": 100 * float(np.mean(unread)),
                         "accuracy": 100 * float(np.mean(right & kept)),
                         "accepted_accuracy": 100 * float(right[kept].mean()) if kept.any() else float("nan"),
                         "ece": ece[0], "ece_before": ece[1]}
