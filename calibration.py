@@ -15,6 +15,8 @@ Everything here is arithmetic on log-probabilities already computed (model_train
 """
 import torch
 
+from model import not_digit_log_probability
+
 KEEP = 0.995  # the share of validation digits a declining reader still reads ...
 KEEP_OTHERS = 0.98  # ... and of other writers' digits (at 0.99 it let a third more non-digits through)
 TEMPERATURES = torch.arange(25, 301) / 100  # the grid the temperature is chosen from
@@ -24,8 +26,7 @@ ECE_BINS = 15
 def logits(views):
     """The 11 logits (V, N, 11), up to a constant per image, of a not_digit network's digit log-probabilities at
     temperature 1, `views` (V, N, 10) (one per test-time shift, or one): the digits' and log P(not a digit)."""
-    rest = torch.log(-torch.expm1(views.logsumexp(-1).clamp(max=-1e-6)))
-    return torch.cat([views, rest[..., None]], -1)
+    return torch.cat([views, not_digit_log_probability(views)[..., None]], -1)
 
 
 def digit_probabilities(logit_views, temperature):

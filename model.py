@@ -171,9 +171,9 @@ class ResSENet(nn.Module):
 
 
 def not_digit_log_probability(log_probs):
-    """log P(not a digit) (B,) from a not_digit network's (B, 10) digit log-probabilities: log(1 - sum(exp)),
+    """log P(not a digit) (..., ) from a not_digit network's (..., 10) digit log-probabilities: log(1 - sum(exp)),
     kept finite when the digits hold all but a rounding of the mass."""
-    return torch.log(-torch.expm1(log_probs.logsumexp(1).clamp(max=-1e-6)))
+    return torch.log(-torch.expm1(log_probs.logsumexp(-1).clamp(max=-1e-6)))
 
 
 class SharedConvNet(nn.Module):
