@@ -30,7 +30,8 @@ MAX_DIGITS = 12  # a number longer than this is refused, not guessed at
 INK = 0.2  # a pixel is ink above this share of the darkest stroke: faint noise and anti-aliasing are not
 SPECK = 0.03  # a piece with less ink than this share of the largest piece's is a speck, dropped
 ONE_DIGIT_WIDTH = 1.1  # ink no wider than this many times its height may be one digit the row reader parted
-UNSURE = 0.5  # below this top probability, a digit's reading is also the row reader's (combined)
+UNSURE = 0.5  # below this top probability, a digit's reading is also the row reader's (combined) ...
+ROW_WEIGHT = 2.0  # ... whose probabilities count as their square there (combined)
 OWN_SHARE = 0.8  # a piece of ink with this share of its ink between one digit's partings is wholly that digit's
 
 
@@ -325,14 +326,14 @@ def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, j
 
 def combined(reading, probabilities):
     """Each digit's probabilities (N, 10) from the digit network's (N, 10): as they are for a digit whose ink is
-    its own and which the digit network is sure of; their product with the row reader's (Reading.row_probabilities),
-    renormalised, for one cut from a neighbour (digits that touch or overlap: its crop holds some of the
-    neighbour's ink) or whose top probability is under UNSURE (a broken stroke), since the row reader was trained
-    on such rows and the digit network on whole digits alone. Chosen on validation rows (docs/experiments.md). The
-    product keeps the digit network's total: what a network with a "not a digit" output gives that, it still gives.
-    """
+    its own and which the digit network is sure of; their product with the row reader's (Reading.row_probabilities)
+    raised to ROW_WEIGHT, renormalised, for one cut from a neighbour (digits that touch or overlap: its crop holds
+    some of the neighbour's ink) or whose top probability is under UNSURE (a broken stroke), since the row reader
+    was trained on such rows and the digit network on whole digits alone. Both chosen on validation rows
+    (docs/experiments.md). The product keeps the digit network's total: what a network with a "not a digit" output
+    gives that, it still gives."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    both = probabilities * np.asarray(reading.row_probabilities, dtype=np.float64)
+    both = probabilities * np.asarray(reading.row_probabilities, dtype=np.float64) ** ROW_WEIGHT
     both *= probabilities.sum(1, keepdims=True) / both.sum(1, keepdims=True)
     unsure = np.asarray(reading.cut) | (probabilities.max(1) < UNSURE)
     return np.where(unsure[:, None], both, probabilities)

@@ -266,7 +266,7 @@ async function rowDigits(ink, w, h) {
 function combined(probs, rowProbs, cut) {  // digit_image.combined
   return probs.map((p, k) => {
     if (!cut[k] && Math.max(...p) >= S.UNSURE) return p;
-    const both = p.map((v, c) => v * rowProbs[k][c]), total = both.reduce((a, b) => a + b, 0);
+    const both = p.map((v, c) => v * rowProbs[k][c] ** S.ROW_WEIGHT), total = both.reduce((a, b) => a + b, 0);
     const digitMass = p.reduce((a, b) => a + b, 0);  // under 1 when the network gives some to "not a digit"
     return both.map(v => v / total * digitMass);
   });

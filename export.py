@@ -265,8 +265,8 @@ def scores(path, logs, probs, labels, **extra):
 def web_settings(config, threshold=0.0):
     """settings.js: digit_image's constants, the run's TTA and the confidence under which its network declines
     (THRESHOLD), for digits.js (declared once, in Python)."""
-    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "OWN_SHARE", "UNSURE", "ONE_DIGIT_WIDTH",
-             "ROW_HEIGHT", "ROW_INK", "ROW_MARGIN", "ROW_MAX_WIDTH", "ROW_FRAME", "TTA_SHIFTS")
+    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "OWN_SHARE", "UNSURE", "ROW_WEIGHT",
+             "ONE_DIGIT_WIDTH", "ROW_HEIGHT", "ROW_INK", "ROW_MARGIN", "ROW_MAX_WIDTH", "ROW_FRAME", "TTA_SHIFTS")
     settings = {name: getattr(digit_image, name) for name in names}
     settings["TTA"] = bool(config.get("tta"))
     settings["THRESHOLD"] = threshold

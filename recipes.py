@@ -149,9 +149,9 @@ RECIPES = {
                                               scale=0.1, val_size=5_000, ema=0.999, restyle=0.25, digit_variants=0.5,
                                               clean_epochs=2, not_digits=0.1),
     # The row reader (model.RowNet) that finds the digits in a row for every digit network (predict, serve, the
-    # page): CTC on rows of 1-8 training digits composed on the fly (row_train.py), 2 epochs of 1,563 batches of 32
+    # page): CTC on rows of 1-8 training digits composed on the fly (row_train.py), 3 epochs of 1,563 batches of 32
     # rows, a 50k/10k train/validation split of the digits the rows are made of.
-    "rows-ctc": dict(model="rows", epochs=2, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
+    "rows-ctc": dict(model="rows", epochs=3, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
                      final_div_factor=100.0, weight_decay=5e-4, val_size=10_000, dropout=0.1),
     # The most accurate at <= 3,500 parameters.
     "ressenet-micro-clean-40epoch": dict(SMALL_NETWORK, model="ressenet-micro"),

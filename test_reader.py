@@ -126,8 +126,8 @@ def test_two_lines_read_the_one_with_more_ink_and_say_so(test_digits, rows, tmp_
 
 def test_too_many_digits_and_a_blank_image_are_errors(test_digits, rows, tmp_path):
     images = test_digits[0].numpy()
-    row = np.concatenate([np.pad(images[i], ((0, 0), (0, 6))) for i in range(13)], axis=1)
-    with pytest.raises(digit_image.ImageError, match="13 digits found, more than the 12"):
+    row = np.concatenate([np.pad(images[i], ((0, 0), (0, 6))) for i in range(15)], axis=1)  # a miss still leaves 13+
+    with pytest.raises(digit_image.ImageError, match=r"1[3-5] digits found, more than the 12"):
         digit_image.read_digits(number_file(tmp_path / "long.png", row), rows)
     with pytest.raises(digit_image.ImageError, match="blank image"):
         digit_image.read_digits(number_file(tmp_path / "blank.png", np.zeros((30, 90), np.uint8)), rows)
@@ -141,6 +141,19 @@ def test_training_rows_are_fixed_by_their_seed_and_hold_one_to_eight_digits(test
     drawn = [composed_numbers.training_row(images, labels, rng) for _ in range(200)]
     assert {len(digits) for _, digits in drawn} == set(range(1, 9))
     assert all(ink.dtype == np.float32 and ink.max() == 1 and ink.min() == 0 for ink, _ in drawn)
+
+
+def test_an_epochs_rows_come_grouped_by_width_in_a_drawn_order(test_digits):
+    import row_train
+    images, labels = (t.numpy() for t in test_digits)
+    batches = list(row_train.epoch_batches(images, labels, np.random.default_rng(3), 4, row_train.BUCKET + 2))
+    again = list(row_train.epoch_batches(images, labels, np.random.default_rng(3), 4, row_train.BUCKET + 2))
+    assert [len(b) for b in batches] == [4] * (row_train.BUCKET + 2)
+    assert all(np.array_equal(a[0], b[0]) for x, y in zip(batches, again) for a, b in zip(x, y))
+    aspect = [[ink.shape[1] / ink.shape[0] for ink, _ in b] for b in batches[:row_train.BUCKET]]
+    by_width = sorted(aspect, key=min)
+    assert all(max(a) <= min(b) for a, b in zip(by_width, by_width[1:]))  # a bucket's batches do not interleave
+    assert aspect != by_width  # ... and are not given narrowest first
 
 
 def test_a_row_is_its_ink_scaled_to_the_row_readers_height(test_digits):

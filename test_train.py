@@ -53,7 +53,7 @@ PINNED = {
                                               digit_variants=0.5, clean_epochs=2, not_digits=0.1),
     "ressenet-micro-clean-40epoch": dict(SMALL_40, model="ressenet-micro"),
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
-    "rows-ctc": dict(model="rows", epochs=2, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
+    "rows-ctc": dict(model="rows", epochs=3, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
                      final_div_factor=100.0, weight_decay=0.0005, val_size=10000, dropout=0.1),
 }
 
@@ -226,7 +226,7 @@ def test_the_row_reader_resumed_after_an_epoch_ends_bit_for_bit_as_the_whole_run
     # rows-ctc on 160 training digits (5 batches an epoch), 2 epochs: whole, and stopped after epoch 1 then resumed.
     import row_train
     monkeypatch.setattr(row_train, "ROWS_SCORED", 40)
-    config = recipes.recipe_config("rows-ctc", val_size=60_000 - 160, data_dir=DATA_DIR)
+    config = recipes.recipe_config("rows-ctc", epochs=2, val_size=60_000 - 160, data_dir=DATA_DIR)
     states = []
     whole_model, whole = row_train.train_rows(config, log=quiet, progress=False, device="cpu",
                                               on_epoch=states.append)
