@@ -99,21 +99,32 @@ def png(page):
     return buffer.getvalue()
 
 
-def training_row(images, labels, rng):
+MARK = 10  # a training row's label for a mark that is no digit (the row reader's class 11)
+
+
+def training_row(images, labels, rng, marks=None, mark_share=0.0):
     """One row of handwriting to train the row reader on, drawn from rng: (ink float32 (H, W) in [0, 1], light on
     black, its digits as a list). 1 to 8 digits of `images` (uint8 (N, 28, 28)) as people write them: each 0.7-1.3
     times its size, 0.85-1.15 times as wide, the row slanted by up to 0.3, strokes thickened, thinned or made blocky
     (a small bitmap enlarged) for some rows, a third of the digits with a broken stroke; gaps from 4 px of overlap
-    to wide (at MNIST's 28-px scale), each digit up or down by up to 3 px, on a baseline that drifts."""
+    to wide (at MNIST's 28-px scale), each digit up or down by up to 3 px, on a baseline that drifts. With `marks`
+    (uint8 (M, 28, 28) images that hold no digit), `mark_share` of the rows hold one or two of them in place of
+    digits, labelled MARK, in a row whose glyphs never overlap (nothing more is drawn from rng without them)."""
     length = 1 if rng.random() < 0.2 else int(rng.integers(2, 9))
     picks = rng.integers(0, len(labels), length)
+    marked = np.zeros(length, bool)
+    if marks is not None and mark_share and rng.random() < mark_share:
+        marked[rng.choice(length, size=min(length, int(rng.integers(1, 3))), replace=False)] = True
+        picks = np.where(marked, rng.integers(0, len(marks), length), picks)
     slant = rng.uniform(-0.3, 0.3)
     stroke = rng.choice(["as written", "thicker", "thinner", "blocky"], p=[0.55, 0.2, 0.15, 0.1])
     gap = int(rng.integers(-4, 11)) if rng.random() < 0.9 else int(rng.integers(10, 31))
+    if marked.any():  # a mark among digits stands apart: ink that overlaps is digits (a 1 into its neighbour)
+        gap = max(gap, 1)
     drift = rng.uniform(-0.1, 0.1)
     glyphs = []
-    for i in picks:
-        a = images[i]
+    for i, mark in zip(picks, marked):
+        a = marks[i] if mark else images[i]
         ys, xs = np.nonzero(a)
         crop = Image.fromarray(a[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
         size = rng.uniform(0.7, 1.3)
@@ -145,4 +156,5 @@ def training_row(images, labels, rng):
         window = page[y:y + g.shape[0], x:x + g.shape[1]]
         np.maximum(window, g, out=window)
         x = max(8, x + g.shape[1] + after)
-    return page.astype(np.float32) / max(int(page.max()), 1), [int(labels[i]) for i in picks]
+    return page.astype(np.float32) / max(int(page.max()), 1), [MARK if mark else int(labels[i])
+                                                                for i, mark in zip(picks, marked)]

@@ -33,6 +33,7 @@ ONE_DIGIT_WIDTH = 1.1  # ink no wider than this many times its height may be one
 UNSURE = 0.5  # below this top probability, a digit's reading is also the row reader's (combined) ...
 ROW_WEIGHT = 2.0  # ... whose probabilities count as their square there (combined)
 OWN_SHARE = 0.8  # a piece of ink with this share of its ink between one digit's partings is wholly that digit's
+MARK_SURE = 0.5  # a mark the row reader says is no digit is read all the same when the digit network is this sure
 
 
 class ImageError(UserError):
@@ -150,6 +151,7 @@ ROW_INK = 24  # ... with the row's ink scaled to this height, centred ...
 ROW_MARGIN = 8  # ... and this many blank columns before and after
 ROW_MAX_WIDTH = 1024  # a row is never scaled wider than this (a long flat stroke)
 ROW_FRAME = 2  # columns of the row per output frame of the row reader
+MARK = 10  # greedy_digits' "digit" for a mark that is no digit (a row reader's 12th class, model.RowNet(marks=True))
 
 
 def row_input(ink):
@@ -169,8 +171,8 @@ def row_input(ink):
 
 
 def greedy_digits(log_probs):
-    """The digits a row reader's frames (11, T) say, by CTC's best path (each frame's likeliest class, repeats
-    merged, blanks dropped): [(digit, first frame, last frame)] left to right."""
+    """The digits a row reader's frames (11 or 12, T) say, by CTC's best path (each frame's likeliest class, repeats
+    merged, blanks dropped): [(digit, first frame, last frame)] left to right, a mark that is no digit as MARK."""
     best = np.asarray(log_probs).argmax(0)
     found = []
     for t, c in enumerate(best.tolist()):
@@ -196,6 +198,7 @@ class Reading:
     masks: list = field(default_factory=list, repr=False)  # each digit's ink, in the decoded image
     row_probabilities: list = field(default_factory=list, repr=False)  # (10,) each, the row reader's own
     cut: list = field(default_factory=list, repr=False)  # whether each digit's ink was cut from its neighbour's
+    marked: list = field(default_factory=list, repr=False)  # whether the row reader found a mark, no digit, there
 
 
 def lines_of(mask):
@@ -220,8 +223,9 @@ def lines_of(mask):
 
 def row_digits(ink, row_frames):
     """The digits in one line of ink as the row reader finds them, left to right: ([boolean mask (H, W) of each
-    digit], note, [the row reader's probabilities (10,) of each], [whether each was cut from a neighbour]).
-    row_frames reads a row_input (ROW_HEIGHT, W) into its frames (11, W / ROW_FRAME) of log-probabilities. Each
+    digit], note, [the row reader's probabilities (10,) of each], [whether each was cut from a neighbour], [whether
+    the row reader found a mark that is no digit there]). row_frames reads a row_input (ROW_HEIGHT, W) into its
+    frames (11, or 12 with a mark class, W / ROW_FRAME) of log-probabilities. Each
     digit the frames say is there stands at the centre of its frames; neighbours part at the column of least ink
     between their centres. A piece of ink that lies mostly (OWN_SHARE) between one digit's partings is that
     digit's whole (a 7's bar over its neighbour, a broken stroke); a piece across a parting (digits that touch)
@@ -232,7 +236,8 @@ def row_digits(ink, row_frames):
     frames = np.asarray(row_frames(row))
     found = greedy_digits(frames)
     if len(found) <= 1:
-        return [mask], note, [row_probabilities(frames, *found[0][1:]) if found else np.full(10, 0.1)], [False]
+        return [mask], note, [row_probabilities(frames, *found[0][1:]) if found else np.full(10, 0.1)], [False], \
+            [bool(found) and found[0][0] == MARK]
     centres = [x0 + (a + b + 1 - ROW_MARGIN) / scale for _, a, b in found]  # frame t is row columns 2t, 2t + 1
     columns, last = ink.sum(0), ink.shape[1] - 1
     partings = []
@@ -263,12 +268,13 @@ def row_digits(ink, row_frames):
             cut[i] = True
     keep = [i for i, m in enumerate(masks) if m.any()]
     return [masks[i] for i in keep], note, [row_probabilities(frames, *found[i][1:]) for i in keep], \
-        [cut[i] for i in keep]
+        [cut[i] for i in keep], [found[i][0] == MARK for i in keep]
 
 
 def row_probabilities(frames, first, last):
-    """The row reader's probabilities (10,) of the digit it read in frames first..last: their mean, blank left out."""
-    p = np.exp(frames[1:, first:last + 1]).mean(1)
+    """The row reader's probabilities (10,) of the digit it read in frames first..last: their mean, blank (and a
+    mark) left out."""
+    p = np.exp(frames[1:11, first:last + 1]).mean(1)
     return p / p.sum()
 
 
@@ -302,7 +308,7 @@ def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, j
     name = path if name is None else name
     gray, scale = decode(path, name, max_pixels)
     ink = ink_of(gray, name)
-    masks, note, row_probs, cut = row_digits(ink, rows)
+    masks, note, row_probs, cut, marked = row_digits(ink, rows)
     digits = [centred(own_ink(ink, m)) for m in masks]
     ys, xs = np.nonzero(ink > INK)
     if len(masks) > 1 and not note and judge is not None and np.ptp(xs) + 1 <= ONE_DIGIT_WIDTH * (np.ptp(ys) + 1):
@@ -311,7 +317,7 @@ def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, j
         probs = judge(np.stack([centred(ink), *digits]))
         parts = combined(Reading(probs[1:], [], row_probabilities=row_probs, cut=cut), probs[1:])
         if probs[0].max() >= np.prod(parts.max(1)) or probs[0].max() < threshold:
-            masks, row_probs, cut = [ink > INK], [np.full(10, 0.1)], [False]
+            masks, row_probs, cut, marked = [ink > INK], [np.full(10, 0.1)], [False], [all(marked)]
     if len(masks) > max_digits:
         raise ImageError(f"{name}: {len(masks)} digits found, more than the {max_digits} a number may have")
     if len(masks) == 1 and np.array_equal(masks[0], ink > INK):
@@ -321,7 +327,7 @@ def read_digits(path, rows, name=None, max_pixels=None, max_digits=MAX_DIGITS, j
         ys, xs = np.nonzero(m)
         boxes.append([round(xs.min() * scale), round(ys.min() * scale), round((xs.max() + 1) * scale),
                       round((ys.max() + 1) * scale)])
-    return Reading(np.stack(digits), boxes, note, masks, row_probs, cut)
+    return Reading(np.stack(digits), boxes, note, masks, row_probs, cut, marked)
 
 
 def combined(reading, probabilities):
@@ -358,27 +364,33 @@ def preview_png(digit):
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def declined(probabilities, threshold):
-    """(N,) bool: the marks a reader that declines under `threshold` (its model's; 0: one that never declines)
-    does not read: an image read as one mark whose top probability is below it is "not a digit". The marks of a
-    number of several are all read: cut from their neighbours, 2-3% of real digits there read under any useful
-    threshold (docs/experiments.md, 2026-12-07), so a ? would stand in one number of five."""
+def declined(probabilities, threshold, marked=()):
+    """(N,) bool: the marks a reader does not read ("not a digit"): an image read as one mark whose top probability
+    is under `threshold` (its digit network's; 0: one that never declines), and a mark the row reader found to be
+    no digit (`marked`, Reading.marked) unless the digit network reads it at MARK_SURE or more. Other marks of a
+    number are all read: cut from their neighbours, 2-3% of real digits there read under any useful threshold
+    (docs/experiments.md, 2026-12-07)."""
     probabilities = np.asarray(probabilities)
-    return (probabilities.max(1) < threshold) & (len(probabilities) == 1)
+    top = probabilities.max(1)
+    unread = (top < threshold) & (len(probabilities) == 1)
+    if len(marked):
+        unread |= np.asarray(marked, bool) & (top < MARK_SURE)
+    return unread
 
 
-def describe(probabilities, threshold=0.0):
+def describe(probabilities, threshold=0.0, marked=()):
     """`predict`'s line for one image's digits (probabilities (N, 10)): one digit and its three likeliest,
-    "7  (7 99.8%, 2 0.1%, 3 0.1%)"; a number and each digit's confidence, "45  (4 99.9%, 5 99.1%)"; an image of
-    one mark under `threshold` (declined), "not a digit  (best guess 4, 31.0%)"."""
-    digits = probabilities.argmax(1)
-    if declined(probabilities, threshold).any():
+    "7  (7 99.8%, 2 0.1%, 3 0.1%)"; a number and each digit's confidence, "45  (4 99.9%, 5 99.1%)", a mark that is
+    no digit as ? with its best guess, "4?5  (4 99.9%, ? 7 2.0%, 5 99.1%)"; an image of one mark declined
+    (`declined`), "not a digit  (best guess 4, 31.0%)"."""
+    digits, unread = probabilities.argmax(1), declined(probabilities, threshold, marked)
+    if len(probabilities) == 1 and unread[0]:
         return f"not a digit  (best guess {digits[0]}, {100 * float(probabilities[0].max()):.1f}%)"
     if len(probabilities) == 1:
         top = np.argsort(-probabilities[0], kind="stable")[:3]
         return f"{top[0]}  (" + ", ".join(f"{d} {100 * float(probabilities[0][d]):.1f}%" for d in top) + ")"
-    return "".join(map(str, digits)) + "  (" + ", ".join(
-        f"{d} {100 * float(p[d]):.1f}%" for d, p in zip(digits, probabilities)) + ")"
+    return "".join("?" if u else str(d) for d, u in zip(digits, unread)) + "  (" + ", ".join(
+        ("? " if u else "") + f"{d} {100 * float(p[d]):.1f}%" for d, p, u in zip(digits, probabilities, unread)) + ")"
 
 
 def answer(reading, probabilities, threshold=0.0, previews=True):
@@ -387,7 +399,7 @@ def answer(reading, probabilities, threshold=0.0, previews=True):
     image of one digit also has that digit's "digit", "probabilities" and "preview" at the top level. A mark
     declined (`declined`) has its best guess as "digit", a ? in "number", and "not_a_digit" is true."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    unread = declined(probabilities, threshold)
+    unread = declined(probabilities, threshold, reading.marked)
     digits = []
     for digit, probs, box, no in zip(reading.digits, probabilities, reading.boxes, unread):
         item = {"digit": int(probs.argmax()), "probabilities": [round(float(p), 6) for p in probs], "box": box,

@@ -176,11 +176,11 @@ function rowInput(ink, w, h) {
   return {row, width, x0, scale};
 }
 
-function greedyDigits(frames, t) {  // digit_image.greedy_digits: frames (11 x t) -> [[digit, first, last]]
-  const best = [];
+function greedyDigits(frames, t) {  // digit_image.greedy_digits: frames (11 or 12 x t) -> [[digit, first, last]]
+  const best = [], classes = frames.length / t;  // blank, 0-9 (, a mark: S.MARK)
   for (let j = 0; j < t; j++) {
     let c = 0;
-    for (let k = 1; k < 11; k++) if (frames[k * t + j] > frames[c * t + j]) c = k;
+    for (let k = 1; k < classes; k++) if (frames[k * t + j] > frames[c * t + j]) c = k;
     best.push(c);
   }
   const found = [];
@@ -217,7 +217,8 @@ async function rowDigits(ink, w, h) {
   const frames = await rowFrames(row, width), t = width / S.ROW_FRAME;
   const found = greedyDigits(frames, t);
   if (found.length <= 1) {
-    return {masks: [mask], note, rowProbs: [found.length ? rowProbabilities(frames, t, found[0][1], found[0][2]) : Array(10).fill(0.1)], cut: [false]};
+    return {masks: [mask], note, rowProbs: [found.length ? rowProbabilities(frames, t, found[0][1], found[0][2]) : Array(10).fill(0.1)], cut: [false],
+            marked: [found.length > 0 && found[0][0] === S.MARK]};
   }
   const centres = found.map(([, a, b]) => x0 + (a + b + 1 - S.ROW_MARGIN) / scale);
   const columns = new Float64Array(w), last = w - 1;
@@ -260,7 +261,8 @@ async function rowDigits(ink, w, h) {
     cut[s] = true;
   });
   const keep = masks.map((m, s) => s).filter(s => masks[s].some(v => v));
-  return {masks: keep.map(s => masks[s]), note, rowProbs: keep.map(s => rowProbabilities(frames, t, found[s][1], found[s][2])), cut: keep.map(s => cut[s])};
+  return {masks: keep.map(s => masks[s]), note, rowProbs: keep.map(s => rowProbabilities(frames, t, found[s][1], found[s][2])), cut: keep.map(s => cut[s]),
+          marked: keep.map(s => found[s][0] === S.MARK)};
 }
 
 function combined(probs, rowProbs, cut) {  // digit_image.combined
@@ -275,7 +277,7 @@ function combined(probs, rowProbs, cut) {  // digit_image.combined
 ort.env.wasm.wasmPaths = "./";  // onnxruntime-web's .wasm beside the page: nothing is fetched from elsewhere
 ort.env.wasm.numThreads = 1;  // threads would need a cross-origin-isolated host; a digit needs none
 let rowSession = null;
-async function rowFrames(row, width) {  // onnx_model.OnnxRows.row_frames: a row (ROW_HEIGHT x width) -> 11 x width / 2
+async function rowFrames(row, width) {  // onnx_model.OnnxRows.row_frames: a row (ROW_HEIGHT x width) -> 11 or 12 x width / 2
   rowSession = rowSession || await ort.InferenceSession.create("rows.onnx", {executionProviders: ["wasm"]});
   const output = await rowSession.run({rows: new ort.Tensor("float32", row, [1, 1, S.ROW_HEIGHT, width])});
   return output.frames.data;
@@ -315,7 +317,7 @@ window.readLocally = async canvas => {
   // digit_image.read_digits and .answer: what POST /predict answers, computed in the page
   const {gray, w, h, scale} = decode(canvas);
   const ink = inkOf(gray, w, h);
-  let {masks, note, rowProbs, cut} = await rowDigits(ink, w, h);
+  let {masks, note, rowProbs, cut, marked} = await rowDigits(ink, w, h);
   const whole = new Uint8Array(ink.length).map((_, i) => ink[i] > S.INK ? 1 : 0);
   let x0 = w, x1 = 0, y0 = h, y1 = 0;
   whole.forEach((v, i) => { if (v) { x0 = Math.min(x0, i % w); x1 = Math.max(x1, i % w); y0 = Math.min(y0, Math.floor(i / w)); y1 = Math.max(y1, Math.floor(i / w)); } });
@@ -325,7 +327,7 @@ window.readLocally = async canvas => {
     const probs = await probabilities([centred(ink, w, h), ...masks.map(m => centred(ownInk(ink, m, w, h), w, h))]);
     const parts = combined(probs.slice(1), rowProbs, cut);
     if (Math.max(...probs[0]) >= parts.reduce((a, p) => a * Math.max(...p), 1) || Math.max(...probs[0]) < S.THRESHOLD) {
-      masks = [whole]; rowProbs = [Array(10).fill(0.1)]; cut = [false];
+      masks = [whole]; rowProbs = [Array(10).fill(0.1)]; cut = [false]; marked = [marked.every(m => m)];
     }
   }
   if (masks.length > S.MAX_DIGITS) throw new Error(`the drawing: ${masks.length} digits found, more than the ${S.MAX_DIGITS} a number may have`);
@@ -337,7 +339,8 @@ window.readLocally = async canvas => {
     masks[k].forEach((v, i) => { if (v) { bx0 = Math.min(bx0, i % w); bx1 = Math.max(bx1, i % w + 1); by0 = Math.min(by0, Math.floor(i / w)); by1 = Math.max(by1, Math.floor(i / w) + 1); } });
     const p = probs[k], digit = p.indexOf(Math.max(...p));
     return {digit, probabilities: p, box: [bx0, by0, bx1, by1].map(v => roundHalfEven(v * scale)), preview: preview(d),
-            declined: digits.length === 1 && Math.max(...p) < S.THRESHOLD};  // digit_image.declined: "not a digit"
+            // digit_image.declined: "not a digit"
+            declined: (digits.length === 1 && Math.max(...p) < S.THRESHOLD) || (marked[k] && Math.max(...p) < S.MARK_SURE)};
   });
   window.lastInputs = digits.map(d => Array.from(d));  // for the browser test: the network's inputs
   const answer = {number: items.map(d => d.declined ? "?" : d.digit).join(""), digits: items,

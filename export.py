@@ -46,7 +46,7 @@ class ExportError(UserError):
 def onnx_bytes(model, metadata, rows=False):
     """The network as an ONNX model (bytes): torch.onnx's exporter, `metadata` as strings. A digit network takes
     "digits" (N, 1, 28, 28), a dynamic batch, and gives "log_probs"; a row reader (rows=True) takes "rows"
-    (N, 1, 32, W), W any even width, and gives "frames" (N, 11, W / 2)."""
+    (N, 1, 32, W), W any even width, and gives "frames" (N, 11 or 12, W / 2)."""
     import onnx
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -265,8 +265,9 @@ def scores(path, logs, probs, labels, **extra):
 def web_settings(config, threshold=0.0):
     """settings.js: digit_image's constants, the run's TTA and the confidence under which its network declines
     (THRESHOLD), for digits.js (declared once, in Python)."""
-    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "OWN_SHARE", "UNSURE", "ROW_WEIGHT",
-             "ONE_DIGIT_WIDTH", "ROW_HEIGHT", "ROW_INK", "ROW_MARGIN", "ROW_MAX_WIDTH", "ROW_FRAME", "TTA_SHIFTS")
+    names = ("MEAN", "STD", "MAX_SIDE", "MAX_DIGITS", "INK", "SPECK", "OWN_SHARE", "MARK_SURE", "UNSURE",
+             "ROW_WEIGHT", "ONE_DIGIT_WIDTH", "ROW_HEIGHT", "ROW_INK", "ROW_MARGIN", "ROW_MAX_WIDTH", "ROW_FRAME", "MARK",
+             "TTA_SHIFTS")
     settings = {name: getattr(digit_image, name) for name in names}
     settings["TTA"] = bool(config.get("tta"))
     settings["THRESHOLD"] = threshold

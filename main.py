@@ -124,8 +124,8 @@ def command_parser(name, details=""):
 RUNS = "runs"  # where run folders are: run_folder.RUNS (a test checks), named here without importing torch
 CHECKPOINT_HELP = (f"a model.pt or run folder written by main.py (default: the newest {RUNS}/*/model.pt of a digit "
                    f"network, else the shipped reader models/reader.pt)")
-ROWS_HELP = (f"the row reader that finds the digits in a row: a model.pt or run folder of the rows-ctc recipe "
-             f"(default: the newest such run under {RUNS}/, else the shipped models/rows.pt)")
+ROWS_HELP = (f"the row reader that finds the digits in a row: a model.pt or run folder of rows-ctc (or "
+             f"rows-nd-ctc: marks too) (default: the newest such run under {RUNS}/, else the shipped models/rows.pt)")
 
 
 def predict(argv):

@@ -234,8 +234,9 @@ class RowNet(nn.Module):
     frame is 2 px and two thin 1s side by side still have a blank frame between them. Each frame sees about 31 px
     of the row (a digit and a half at the row's 24-px ink height)."""
 
-    def __init__(self, dropout=0.1):
+    def __init__(self, dropout=0.1, marks=False):
         super().__init__()
+        self.marks = marks  # a 12th class: a mark that is no digit (a letter, a symbol, a scribble)
         self.conv1 = ConvBN(1, 16)
         self.pool1 = nn.MaxPool2d(2)                    # height and width halved
         self.conv2 = ConvBN(16, 32)
@@ -248,7 +249,7 @@ class RowNet(nn.Module):
         self.context2 = nn.Sequential(nn.Conv2d(64, 64, (1, 3), padding=(0, 2), dilation=(1, 2), bias=False),
                                       nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(dropout)
-        self.classify = nn.Conv2d(64, 11, 1)
+        self.classify = nn.Conv2d(64, 12 if marks else 11, 1)
 
     def forward(self, x):                       # (B, 1, 32, W), W even
         x = self.pool1(self.conv1(x))           # (B, 16, 16, W/2)
@@ -256,8 +257,8 @@ class RowNet(nn.Module):
         x = self.pool(self.conv3(x))            # (B, 48, 4, W/2)
         x = self.collapse(self.conv4(x))        # (B, 64, 1, W/2)
         x = self.context2(self.context1(x))     # (B, 64, 1, W/2)
-        x = self.classify(self.dropout(x))      # (B, 11, 1, W/2): blank, then the digits 0-9
-        return F.log_softmax(x[:, :, 0], dim=1)  # (B, 11, W/2)
+        x = self.classify(self.dropout(x))      # (B, 11, 1, W/2): blank, the digits 0-9 (, a mark)
+        return F.log_softmax(x[:, :, 0], dim=1)  # (B, 11 or 12, W/2)
 
 
 MODELS = {
@@ -272,9 +273,11 @@ MODELS = {
     "shared-nano": SharedConvNet,
     "cnn-215k": CNN215k,
     "rows": RowNet,
+    "rows-nd": functools.partial(RowNet, marks=True),
 }
 NOT_DIGIT_MODELS = ("ressenet-nd",)  # networks with a "not a digit" output (Config.not_digits trains it)
-ROW_MODELS = ("rows",)  # networks that read a row of digits (row_train.py), not one 28x28 digit
+ROW_MODELS = ("rows", "rows-nd")  # networks that read a row of digits (row_train.py), not one 28x28 digit;
+ROW_MARK_MODELS = ("rows-nd",)  # ... those that also find marks that are no digit (Config.not_digits trains them)
 
 
 def build_model(name, **kwargs):

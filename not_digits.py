@@ -212,14 +212,15 @@ def prepared(image):
     return digit_image.centred(digit_image.ink_of(np.asarray(image, np.float32) / 255, "a drawn image"))
 
 
-def training_images(count, seed, train_images, train_labels):
+def training_images(count, seed, train_images=None, train_labels=None, families=None):
     """`count` negatives to train a declining reader on, float32 (count, 28, 28) prepared as predict prepares one
     digit (digit_image.read_digit's steps): the families not HELD_OUT in turn, letters and symbols in every face
     of TRAINING_SANS, parts of digits made from `train_images` (uint8 (N, 28, 28): MNIST's training digits, their
-    `train_labels`) as training_part makes them.
+    `train_labels`) as training_part makes them; only `families` (of those) when given.
     The same seed gives the same images; an image that comes out blank is drawn again."""
     import digit_image
-    families = [f for f in FAMILIES if f not in HELD_OUT]
+    families = families or [f for f in FAMILIES if f not in HELD_OUT]
+    assert not set(families) & set(HELD_OUT)
     rng = np.random.default_rng([seed, len(FAMILIES)])  # a stream of its own, apart from generate's
     out = []
     while len(out) < count:
@@ -229,3 +230,12 @@ def training_images(count, seed, train_images, train_labels):
         except digit_image.ImageError:
             continue
     return np.stack(out)
+
+
+ROW_FAMILIES = ("letters, sans", "symbols", "scribbles")  # the marks a row reader learns to find among digits
+
+
+def as_uint8(prepared_images):
+    """Images prepared as predict prepares a digit (normalised float32 (N, 28, 28)) as MNIST's uint8 pixels."""
+    import digit_image
+    return np.round((prepared_images * digit_image.STD + digit_image.MEAN) * 255).clip(0, 255).astype(np.uint8)

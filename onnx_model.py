@@ -94,5 +94,5 @@ class OnnxRows:
         self.input, self.path = inputs[0].name, path
 
     def row_frames(self, row):
-        """The frames (11, W / 2) of log-probabilities of one row (32, W)."""
+        """The frames (11, or 12 with a mark class, W / 2) of log-probabilities of one row (32, W)."""
         return self.session.run(None, {self.input: np.ascontiguousarray(row[None, None], dtype=np.float32)})[0][0]

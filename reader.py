@@ -85,13 +85,13 @@ def predict_lines(model, tta, rows, paths, as_json=False):
         except digit_image.ImageError as e:
             yield f"error: {e}", "error"
             continue
-        kind = "declined" if digit_image.declined(probs, threshold).any() else None
+        kind = "declined" if digit_image.declined(probs, threshold, reading.marked).all() else None
         if as_json:
             answer = digit_image.answer(reading, probs, threshold, previews=False)
             keep = {k: answer[k] for k in ("number", "digits", "not_a_digit", "note") if k in answer}
             yield json.dumps({"file": path, **keep}), kind
             continue
-        yield f"{path}: {digit_image.describe(probs, threshold)}", kind
+        yield f"{path}: {digit_image.describe(probs, threshold, reading.marked)}", kind
         if reading.note:
             yield f"{path}: {reading.note}", "note"
 
@@ -170,10 +170,10 @@ def confidence_of(model, tta, rows, png, name, threshold=0.0):
     probability of its surest mark, not declined under `threshold` (digit_image.declined)); (None, False) when
     it holds no mark (a blank image)."""
     try:
-        _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
+        reading, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
     except digit_image.ImageError:
         return None, False
-    return float(probs.max()), not digit_image.declined(probs, threshold).any()
+    return float(probs.max()), not digit_image.declined(probs, threshold, reading.marked).all()
 
 
 def read_singles(model, tta, rows, files, name, threshold, progress=False):
@@ -182,8 +182,8 @@ def read_singles(model, tta, rows, files, name, threshold, progress=False):
     digit."""
     unread, right = [], []
     for png, label in tqdm(files, desc=name, disable=not progress, leave=False, mininterval=0.5, dynamic_ncols=True):
-        _, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
-        unread.append(bool(digit_image.declined(probs, threshold).any()))
+        reading, probs = read_number(model, tta, rows, io.BytesIO(png), name=name)
+        unread.append(bool(digit_image.declined(probs, threshold, reading.marked).all()))
         right.append(len(probs) == 1 and int(probs[0].argmax()) == label)
     return np.array(unread), np.array(right)
 
@@ -264,8 +264,8 @@ def score_marked_numbers(model, tta, rows, data_dir, count=200, seed=9, progress
     exact = answered = 0
     numbers = composed_numbers.with_marks(images, labels.numpy(), marks, count, seed)
     for page, written, _ in tqdm(numbers, desc="numbers with a mark", disable=not progress, leave=False):
-        _, probs = read_number(model, tta, rows, io.BytesIO(composed_numbers.png(page)), name="a composed number")
-        unread = digit_image.declined(probs, threshold)
+        reading, probs = read_number(model, tta, rows, io.BytesIO(composed_numbers.png(page)), name="a composed number")
+        unread = digit_image.declined(probs, threshold, reading.marked)
         read = "".join("?" if u else str(d) for d, u in zip(probs.argmax(1), unread))
         exact += read == written
         answered += len(read) == len(written) and read[written.index("?")] != "?"

@@ -13,7 +13,7 @@ import math
 
 import data_file
 from errors import UserError
-from model import MODELS, NOT_DIGIT_MODELS
+from model import MODELS, NOT_DIGIT_MODELS, ROW_MARK_MODELS
 
 DEVICES = ("auto", "cpu", "cuda", "mps", "xpu")
 
@@ -86,7 +86,8 @@ class Config:
                                    "above", "non_negative")
     label_smoothing: float = setting(0.0, "label smoothing of the training loss", "fraction_or_zero")
     not_digits: float = setting(0.0, "weight of the loss that teaches a network with a 'not a digit' output "
-                                     "(ressenet-nd) to give it to images that hold no digit (0: none)",
+                                     "(ressenet-nd) to give it to images that hold no digit; for a row reader "
+                                     "with a mark class (rows-nd), the share of rows holding such marks (0: none)",
                                 "non_negative")
     ema: float = setting(0.0, "score and keep a moving average of the weights, with this decay per step "
                               "(0: the weights)", "fraction_or_zero")
@@ -153,6 +154,9 @@ RECIPES = {
     # rows, a 50k/10k train/validation split of the digits the rows are made of.
     "rows-ctc": dict(model="rows", epochs=3, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
                      final_div_factor=100.0, weight_decay=5e-4, val_size=10_000, dropout=0.1),
+    # The same, finding marks that are no digit too: a fifth of the rows hold a letter, symbol or scribble.
+    "rows-nd-ctc": dict(model="rows-nd", epochs=3, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
+                        final_div_factor=100.0, weight_decay=5e-4, val_size=10_000, dropout=0.1, not_digits=0.2),
     # The most accurate at <= 3,500 parameters.
     "ressenet-micro-clean-40epoch": dict(SMALL_NETWORK, model="ressenet-micro"),
     # The most accurate at <= 1,000 parameters.
@@ -279,9 +283,9 @@ class ConfigError(UserError):
 def check(config):
     """`config`, or a ConfigError when a "not a digit" setting cannot work: the weight on a network without that
     output, or such a network without the validation split its temperature and threshold are chosen on."""
-    if config.not_digits and config.model not in NOT_DIGIT_MODELS:
+    if config.not_digits and config.model not in NOT_DIGIT_MODELS + ROW_MARK_MODELS:
         raise ConfigError(f"--not-digits trains a 'not a digit' output, which {config.model} has none of "
-                          f"(networks with one: {', '.join(NOT_DIGIT_MODELS)})")
+                          f"(networks with one: {', '.join(NOT_DIGIT_MODELS + ROW_MARK_MODELS)})")
     if config.model in NOT_DIGIT_MODELS and not config.val_size:
         raise ConfigError(f"{config.model} chooses its temperature and threshold on a validation split: give "
                           f"--val-size (its recipe carves 5000)")

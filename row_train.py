@@ -1,5 +1,8 @@
 """Training the row reader (model.RowNet, the `rows-ctc` recipe): rows of handwritten digits composed on the fly
-from MNIST's training digits (composed_numbers.training_row), read with CTC, no cut made before reading.
+from MNIST's training digits (composed_numbers.training_row), read with CTC, no cut made before reading. A row
+reader with a mark class (`rows-nd`, the `rows-nd-ctc` recipe) also learns marks that are no digit (letters in sans
+faces, symbols, scribbles: not_digits.ROW_FAMILIES, drawn from the run's seed) set among the digits of some rows,
+and typed digits as digits.
 
 `train_rows(config)` is model_train.train for a row network: the same seeding, optimizer and OneCycleLR, kernel
 settings, epoch table and bit-for-bit resume. An epoch is as many batches of `batch_size` rows as the training
@@ -19,10 +22,12 @@ import composed_numbers
 import data_file
 import digit_image
 import model_train
-from model import ROW_MODELS, count_parameters
+from model import ROW_MARK_MODELS, ROW_MODELS, count_parameters
 
 ROWS_SCORED = 1000  # rows composed from the validation (or test) digits to score a row reader on
 BUCKET = 8  # batches of rows drawn together and grouped by width, so that a batch pads its rows little
+ROW_MARKS = 10_000  # marks that are no digit drawn for a row reader that finds them (not_digits.ROW_FAMILIES) ...
+ROW_TYPED = 2_000  # ... and typed digits among the training digits, so that a typed look never marks a non-digit
 SCORE_SEEDS = {"val": 7, "test": 8}  # their fixed seeds
 
 
@@ -101,6 +106,14 @@ def run_row_epochs(config, device, log, progress, on_epoch, resume, dry_run):
     """train_rows' body, inside its kernel settings."""
     splits = raw_splits(config)
     images, labels = splits["train"]
+    marks = None
+    if config.model in ROW_MARK_MODELS:  # drawn from the run's seed, as a declining digit network's negatives are
+        import not_digits
+        marks = not_digits.as_uint8(not_digits.training_images(ROW_MARKS, config.seed,
+                                                               families=not_digits.ROW_FAMILIES))
+        typed, typed_labels = not_digits.typed_digits(ROW_TYPED, config.seed)
+        images = np.concatenate([images, not_digits.as_uint8(typed)])
+        labels = np.concatenate([labels, typed_labels.astype(labels.dtype)])
     epochs, steps_per_epoch, scored = config.epochs, data_file.num_batches(len(labels), config.batch_size), ROWS_SCORED
     if dry_run:
         epochs, steps_per_epoch, scored = 1, 5, 20
@@ -123,7 +136,7 @@ def run_row_epochs(config, device, log, progress, on_epoch, resume, dry_run):
         model_train.log_epoch(row, val_key, log)
     for epoch in range(len(history) + 1, epochs + 1):
         batches = epoch_batches(images, labels, np.random.default_rng([config.seed, epoch]), config.batch_size,
-                                steps_per_epoch)
+                                steps_per_epoch, marks, config.not_digits)
         row = train_row_epoch(model, optimizer, scheduler, batches, steps_per_epoch, config.clip_grad,
                               f"epoch {epoch}", progress, device)
         row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0]}
@@ -146,13 +159,14 @@ def run_row_epochs(config, device, log, progress, on_epoch, resume, dry_run):
     return model, metrics
 
 
-def epoch_batches(images, labels, rng, batch_size, steps):
-    """`steps` batches of `batch_size` training rows drawn from rng, BUCKET batches at a time grouped by width
-    (a batch is padded to its widest row: grouped, a step costs about two thirds as much), in an order drawn
-    from rng."""
+def epoch_batches(images, labels, rng, batch_size, steps, marks=None, mark_share=0.0):
+    """`steps` batches of `batch_size` training rows drawn from rng (with `marks` in `mark_share` of them:
+    composed_numbers.training_row), BUCKET batches at a time grouped by width (a batch is padded to its widest
+    row: grouped, a step costs about two thirds as much), in an order drawn from rng."""
     for start in range(0, steps, BUCKET):
         count = min(BUCKET, steps - start)
-        rows = [composed_numbers.training_row(images, labels, rng) for _ in range(count * batch_size)]
+        rows = [composed_numbers.training_row(images, labels, rng, marks, mark_share)
+                for _ in range(count * batch_size)]
         rows.sort(key=lambda row: row[0].shape[1] / row[0].shape[0])  # stable: ties keep the order drawn
         for k in rng.permutation(count):
             yield rows[k * batch_size:(k + 1) * batch_size]
