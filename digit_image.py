@@ -397,7 +397,8 @@ def answer(reading, probabilities, threshold=0.0, previews=True):
     """What `predict --json` and /predict say of a Reading, given each digit's probabilities (N, 10):
     {"number", "digits": [{"digit", "probabilities", "box", "preview", "declined"}], "not_a_digit", "note"?}; an
     image of one digit also has that digit's "digit", "probabilities" and "preview" at the top level. A mark
-    declined (`declined`) has its best guess as "digit", a ? in "number", and "not_a_digit" is true."""
+    declined (`declined`) has its best guess as "digit" and a ? in "number"; "not_a_digit" is true when every mark
+    is declined (no digit was read: an image of a letter, not 4?89)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     unread = declined(probabilities, threshold, reading.marked)
     digits = []
@@ -408,7 +409,7 @@ def answer(reading, probabilities, threshold=0.0, previews=True):
             item["preview"] = preview_png(digit)
         digits.append(item)
     result = {"number": "".join("?" if d["declined"] else str(d["digit"]) for d in digits), "digits": digits,
-              "not_a_digit": bool(unread.any())}
+              "not_a_digit": bool(unread.all())}
     if reading.note:
         result["note"] = reading.note
     if len(digits) == 1:

@@ -344,7 +344,7 @@ window.readLocally = async canvas => {
   });
   window.lastInputs = digits.map(d => Array.from(d));  // for the browser test: the network's inputs
   const answer = {number: items.map(d => d.declined ? "?" : d.digit).join(""), digits: items,
-                  not_a_digit: items.some(d => d.declined)};
+                  not_a_digit: items.every(d => d.declined)};
   if (note) answer.note = note;
   if (items.length === 1) Object.assign(answer, {digit: items[0].digit, probabilities: items[0].probabilities, preview: items[0].preview});
   return answer;

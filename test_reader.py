@@ -325,7 +325,7 @@ def test_a_mark_the_row_reader_finds_is_a_question_mark_in_its_number_unless_the
     assert digit_image.describe(probs, 0.0, marked) == "4?8  (4 90.0%, ? 7 20.0%, 8 95.0%)"
     reading = digit_image.Reading(np.zeros((3, 28, 28), np.float32), [[0, 0, 1, 1]] * 3, marked=marked)
     answer = digit_image.answer(reading, probs, 0.0, previews=False)
-    assert answer["number"] == "4?8" and answer["not_a_digit"] and answer["digits"][1]["digit"] == 7
+    assert answer["number"] == "4?8" and not answer["not_a_digit"] and answer["digits"][1]["digit"] == 7
 
 
 def test_training_rows_hold_marks_only_when_given_them(test_digits):

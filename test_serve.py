@@ -1,5 +1,6 @@
 """python main.py serve: a real server on a free port, spoken to over HTTP by well-behaved and hostile clients;
 then the drawing page in a real headless Chromium (pytest -m browser). The fixtures are in conftest.py."""
+import base64
 import http.client
 import io
 import json
@@ -574,7 +575,6 @@ def static_site(net_1epoch_checkpoint, tmp_path_factory):
 @pytest.mark.browser
 def test_static_site_prepares_and_reads_as_python_does(browser, static_site, net_1epoch_checkpoint, test_digits,
                                                        rows):
-    import base64
     import onnx_model
     url, onnx_path, asked = static_site
     browser.get(url)
@@ -602,6 +602,55 @@ def test_static_site_prepares_and_reads_as_python_does(browser, static_site, net
     assert all(not path.startswith("http") for path in asked) and {"/model.onnx", "/rows.onnx"} <= set(asked)
     origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(u.startswith(url) for u in origins), origins  # nothing fetched from anywhere else
+
+
+@pytest.mark.browser
+def test_the_static_site_makes_a_mark_the_row_reader_finds_a_question_mark_as_python_does(
+        browser, net_1epoch_checkpoint, test_digits, tmp_path, monkeypatch):
+    # A row reader with a mark class that calls every 1 a mark: the shipped one's weights, its "1" copied to the
+    # mark class and made likelier. With MARK_SURE over any probability, each mark found is a ?.
+    import functools
+    import http.server
+    import threading
+    import onnx_model
+    checkpoint = torch.load(run_folder.SHIPPED_ROWS, weights_only=True)
+    state = dict(checkpoint["model"])
+    state["classify.weight"] = torch.cat([state["classify.weight"], state["classify.weight"][2:3]])
+    state["classify.bias"] = torch.cat([state["classify.bias"], state["classify.bias"][2:3] + 1.0])
+    config = {**checkpoint["config"], "model": "rows-nd", "recipe": "rows-nd-ctc"}
+    torch.save({**checkpoint, "model": state, "model_name": "rows-nd", "config": config}, tmp_path / "rows-nd.pt")
+    code = main.main(["export", str(net_1epoch_checkpoint.parent), "--out", str(tmp_path / "model.onnx"), "--web",
+                      str(tmp_path / "site"), "--rows", str(tmp_path / "rows-nd.pt"), "--data-dir", DATA_DIR])
+    assert code == 0
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path / "site"))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setattr(digit_image, "MARK_SURE", 1.5)
+    rows = onnx_model.OnnxRows(str(tmp_path / "rows.onnx")).row_frames
+    model, _ = run_folder.load_checkpoint(net_1epoch_checkpoint)
+    numbers = [n for n in composed_numbers.compose(test_digits[0].numpy(), test_digits[1].numpy(), 40, seed=4)
+               if n[2] >= 4 and "1" in n[1] and n[1][0] != "1"][:3]
+    try:
+        browser.get(f"http://127.0.0.1:{srv.server_address[1]}/")
+        browser.execute_script("window.DIGIT_IMAGE.MARK_SURE = 1.5")
+        questions = 0
+        for page, written, _ in numbers:
+            browser.find_element("id", "clear").click()
+            number, error = wait_for_answer(browser, draw_digit(browser, page))
+            png = base64.b64decode(browser.execute_script(
+                "return document.getElementById('pad').toDataURL()").split(",")[1])
+            reading, probs = reader.read_number(model, False, rows, io.BytesIO(png))
+            python = "".join("?" if u else str(d) for d, u in
+                             zip(probs.argmax(1), digit_image.declined(probs, 0.0, reading.marked)))
+            assert error == "" and number == python, (written, number, python)
+            questions += "?" in number
+        assert questions >= 2  # the 1s were found as marks, and said as ? in their numbers
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 @pytest.mark.browser
