@@ -109,9 +109,10 @@ def run_row_epochs(config, device, log, progress, on_epoch, resume, dry_run):
     marks = None
     if config.model in ROW_MARK_MODELS:  # drawn from the run's seed, as a declining digit network's negatives are
         import not_digits
-        marks = not_digits.as_uint8(not_digits.training_images(ROW_MARKS, config.seed,
+        few = 20 if dry_run else 1  # a dry run draws a twentieth of them: its 5 batches need few
+        marks = not_digits.as_uint8(not_digits.training_images(ROW_MARKS // few, config.seed,
                                                                families=not_digits.ROW_FAMILIES))
-        typed, typed_labels = not_digits.typed_digits(ROW_TYPED, config.seed)
+        typed, typed_labels = not_digits.typed_digits(ROW_TYPED // few, config.seed)
         images = np.concatenate([images, not_digits.as_uint8(typed)])
         labels = np.concatenate([labels, typed_labels.astype(labels.dtype)])
     epochs, steps_per_epoch, scored = config.epochs, data_file.num_batches(len(labels), config.batch_size), ROWS_SCORED
