@@ -111,13 +111,12 @@ def resize_weights(n_in, n_out):
     scale when reducing, each row normalised over the pixels inside the image."""
     scale = n_in / n_out
     support = max(scale, 1.0)
-    weights = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        centre = (i + 0.5) * scale
-        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
-        w = np.maximum(0.0, 1 - np.abs((np.arange(lo, hi) + 0.5 - centre) / support))
-        weights[i, lo:hi] = w / w.sum()
-    return weights
+    centre = (np.arange(n_out) + 0.5) * scale
+    lo = np.maximum((centre - support + 0.5).astype(int), 0)[:, None]  # int(): towards zero, as torch's kernel
+    hi = np.minimum((centre + support + 0.5).astype(int), n_in)[:, None]
+    j = np.arange(n_in)
+    weights = np.maximum(0.0, 1 - np.abs((j + 0.5 - centre[:, None]) / support)) * ((j >= lo) & (j < hi))
+    return weights / weights.sum(1, keepdims=True)
 
 
 def centred(ink):
