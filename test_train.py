@@ -55,7 +55,7 @@ PINNED = {
     "shared-nano-clean-40epoch": dict(SMALL_40, model="shared-nano"),
     "rows-ctc": dict(model="rows", epochs=3, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
                      final_div_factor=100.0, weight_decay=0.0005, val_size=10000, dropout=0.1),
-    "rows-nd-ctc": dict(model="rows-nd", epochs=3, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
+    "rows-nd-ctc": dict(model="rows-nd", epochs=4, batch_size=32, max_lr=0.004, pct_start=0.15, div_factor=10.0,
                         final_div_factor=100.0, weight_decay=0.0005, val_size=10000, dropout=0.1, not_digits=0.2),
 }
 
