@@ -7,6 +7,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+import digit_image
+
 LENGTHS = range(2, 7)  # digits in a composed number
 GAPS = range(0, 9)  # pixels between neighbouring digits at MNIST's 28-px scale; 0: their boxes touch
 # The harder cases beside the 1,000 numbers of GAPS, each its own fixed seed: (gaps, strokes broken, seed).
@@ -99,7 +101,7 @@ def png(page):
     return buffer.getvalue()
 
 
-MARK = 10  # a training row's label for a mark that is no digit (the row reader's class 11)
+MARK = digit_image.MARK  # a training row's label for a mark that is no digit (the row reader's class 11)
 
 
 def training_row(images, labels, rng, marks=None, mark_share=0.0):

@@ -256,8 +256,8 @@ def score_marked_numbers(model, tta, rows, data_dir, count=200, seed=9, progress
     images, labels = data_file.read_split(data_dir, "test")
     images = images.numpy()
     marks = np.concatenate([
-        np.stack([np.round((digit_image.read_digit(io.BytesIO(png)) * digit_image.STD + digit_image.MEAN) * 255)
-                  .clip(0, 255).astype(np.uint8) for png in not_digits.generate(family, count, seed, images)])
+        not_digits.as_uint8(np.stack([digit_image.read_digit(io.BytesIO(png))
+                                      for png in not_digits.generate(family, count, seed, images)]))
         for family in not_digits.HELD_OUT])
     threshold = decline_threshold(model)
     model = as_predict_runs(model)
