@@ -548,25 +548,33 @@ def test_the_drawing_survives_a_resize_and_the_page_has_its_own_icon(page, test_
 
 # --- the static site (main.py export --web) in the browser -----------------------------------------------------
 
+def static_server(folder, asked=None):
+    """The standard library's static file server on `folder`, as any static host would serve it, in a thread of
+    its own; the paths the browser asks for go to `asked`."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):
+            if asked is not None:
+                asked.append(self.path)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
 @pytest.fixture(scope="session")
 def static_site(net_1epoch_checkpoint, tmp_path_factory):
     """`python main.py export RUN --web DIR` of the net-1epoch run, served by the standard library's static file
     server as any static host would: (its address, the ONNX file, the paths the browser asked for)."""
-    import functools
-    import http.server
-    import threading
     folder = tmp_path_factory.mktemp("web")
     code = main.main(["export", str(net_1epoch_checkpoint.parent), "--out", str(folder / "model.onnx"),
                       "--web", str(folder / "site"), "--data-dir", DATA_DIR])
     assert code == 0
     asked = []
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format, *args):
-            asked.append(self.path)
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder / "site"))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = static_server(folder / "site", asked)
     yield f"http://127.0.0.1:{srv.server_address[1]}/", folder / "model.onnx", asked
     srv.shutdown()
     srv.server_close()
@@ -609,9 +617,6 @@ def test_the_static_site_makes_a_mark_the_row_reader_finds_a_question_mark_as_py
         browser, net_1epoch_checkpoint, test_digits, tmp_path, monkeypatch):
     # A row reader with a mark class that calls every 1 a mark: the shipped one's weights, its "1" copied to the
     # mark class and made likelier. With MARK_SURE over any probability, each mark found is a ?.
-    import functools
-    import http.server
-    import threading
     import onnx_model
     checkpoint = torch.load(run_folder.SHIPPED_ROWS, weights_only=True)
     state = dict(checkpoint["model"])
@@ -622,12 +627,7 @@ def test_the_static_site_makes_a_mark_the_row_reader_finds_a_question_mark_as_py
     code = main.main(["export", str(net_1epoch_checkpoint.parent), "--out", str(tmp_path / "model.onnx"), "--web",
                       str(tmp_path / "site"), "--rows", str(tmp_path / "rows-nd.pt"), "--data-dir", DATA_DIR])
     assert code == 0
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path / "site"))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = static_server(tmp_path / "site")
     monkeypatch.setattr(digit_image, "MARK_SURE", 1.5)
     rows = onnx_model.OnnxRows(str(tmp_path / "rows.onnx")).row_frames
     model, _ = run_folder.load_checkpoint(net_1epoch_checkpoint)
@@ -643,8 +643,7 @@ def test_the_static_site_makes_a_mark_the_row_reader_finds_a_question_mark_as_py
             png = base64.b64decode(browser.execute_script(
                 "return document.getElementById('pad').toDataURL()").split(",")[1])
             reading, probs = reader.read_number(model, False, rows, io.BytesIO(png))
-            python = "".join("?" if u else str(d) for d, u in
-                             zip(probs.argmax(1), digit_image.declined(probs, 0.0, reading.marked)))
+            python = digit_image.answer(reading, probs, previews=False)["number"]  # the ? as predict says it
             assert error == "" and number == python, (written, number, python)
             questions += "?" in number
         assert questions >= 2  # the 1s were found as marks, and said as ? in their numbers
