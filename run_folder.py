@@ -25,7 +25,8 @@ RUNS = "runs"  # where main.py puts its run folders
 # The reader the repository ships (made by the command in README.md, its config and figures inside it): what
 # predict, serve, evaluate and export load when no checkpoint is named and runs/ holds none.
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "reader.pt")
-# The row reader it ships (model.RowNet, the rows-ctc recipe): how every reader finds the digits in a row.
+# The row reader it ships (model.RowNet with a mark class, the rows-nd-ctc recipe at 8 epochs): how every reader finds
+# the digits in a row, and the marks among them that are no digit.
 SHIPPED_ROWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "rows.pt")
 METRICS, CHECKPOINT, RESUME = "metrics.json", "model.pt", "resume.pt"
 UCI = "uci-digits.json"  # `python main.py evaluate --uci-digits`: the run's accuracy on the UCI digits, per form
