@@ -31,7 +31,7 @@ INK = 0.2  # a pixel is ink above this share of the darkest stroke: faint noise 
 SPECK = 0.03  # a piece with less ink than this share of the largest piece's is a speck, dropped
 ONE_DIGIT_WIDTH = 1.1  # ink no wider than this many times its height may be one digit the row reader parted
 UNSURE = 0.5  # below this top probability, a digit's reading is also the row reader's (combined) ...
-ROW_WEIGHT = 2.0  # ... whose probabilities count as their square there (combined)
+ROW_WEIGHT = 3.0  # ... whose probabilities count as their cube there (combined)
 OWN_SHARE = 0.8  # a piece of ink with this share of its ink between one digit's partings is wholly that digit's
 MARK_SURE = 0.5  # a mark the row reader says is no digit is read all the same when the digit network is this sure
 
